@@ -1,0 +1,29 @@
+# Everything a new user needs. All caches stay in ignored folders inside the repo.
+PY ?= python3
+VENV := .venv
+export PIP_CACHE_DIR := $(CURDIR)/.cache/pip
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
+export WANDB_DIR := $(CURDIR)/.cache/wandb
+export WANDB_CACHE_DIR := $(CURDIR)/.cache/wandb
+export WANDB_CONFIG_DIR := $(CURDIR)/.cache/wandb
+export DS_ACCELERATOR := cpu
+
+.PHONY: setup test smoke clean
+
+$(VENV)/.installed: pyproject.toml constraints-cpu.txt
+	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -c constraints-cpu.txt "torch==2.13.0+cpu"
+	$(VENV)/bin/pip install -q -c constraints-cpu.txt -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(VENV)/bin/python -m pytest
+
+smoke: setup
+	$(VENV)/bin/python launch/r101_asfp.py --smoke
+
+clean:
+	rm -rf .cache .work runs

@@ -1,0 +1,1 @@
+"""Entry points: the `softprune` CLI and the training recipes."""

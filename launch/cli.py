@@ -1,0 +1,43 @@
+"""`softprune` command line: one module per subcommand (launch/cmd_<name>.py).
+
+Each command module exposes `add_arguments(parser)` and `run(args) -> int`, and imports its
+heavy dependencies inside `run` so that `softprune --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "flops": "count parameters and MACs of a registered model",
+    "shards": "write webdataset shards (ImageNet or synthetic)",
+    "prune": "one-shot hard prune of a dense model into a compact one",
+    "train": "train (and prune) with Ray Train + DeepSpeed from a config",
+    "compact": "compact a finished run's checkpoint into a deployable model",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="softprune", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in COMMANDS.items():
+        module = importlib.import_module(f"launch.cmd_{name}")
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(sp)
+        sp.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._module.run(args) or 0)
+    except ValueError as exc:  # bad input: one clear line, no traceback
+        print(f"softprune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
