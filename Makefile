@@ -11,10 +11,12 @@ export DS_ACCELERATOR := cpu
 
 .PHONY: setup test smoke clean
 
+# The torch pin goes first so nothing can resolve a CUDA build; editable "compat" mode puts the
+# repo root on sys.path, so packages added later import without reinstalling.
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -c constraints-cpu.txt "torch==2.13.0+cpu"
-	$(VENV)/bin/pip install -q -c constraints-cpu.txt -e ".[test]"
+	$(VENV)/bin/pip install -q -c constraints-cpu.txt -e ".[test]" --config-settings editable_mode=compat
 	touch $@
 
 setup: $(VENV)/.installed

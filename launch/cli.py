@@ -1,7 +1,8 @@
 """`softprune` command line: one module per subcommand (launch/cmd_<name>.py).
 
-Each command module exposes `add_arguments(parser)` and `run(args) -> int`, and imports its
-heavy dependencies inside `run` so that `softprune --help` stays fast.
+Each command module exposes `add_arguments(parser)` and `run(args) -> int`. Only the module of
+the command being run is imported, and it imports its heavy dependencies inside `run`, so
+`softprune --help` stays fast.
 """
 
 from __future__ import annotations
@@ -19,19 +20,23 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; only `command`'s own arguments are loaded."""
     parser = argparse.ArgumentParser(prog="softprune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in COMMANDS.items():
-        module = importlib.import_module(f"launch.cmd_{name}")
         sp = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(sp)
-        sp.set_defaults(_module=module)
+        if name == command:
+            module = importlib.import_module(f"launch.cmd_{name}")
+            module.add_arguments(sp)
+            sp.set_defaults(_module=module)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     try:
         return int(args._module.run(args) or 0)
     except ValueError as exc:  # bad input: one clear line, no traceback
