@@ -1,0 +1,228 @@
+"""Loader throughput on ImageNet-like JPEGs: where the time goes and what each trick buys.
+
+Makes N photo-like JPEGs (about 500x375, quality 90, smooth content plus noise), writes them as
+shards twice (original bytes, and `--max-side`), then measures in one run:
+  1. one loader worker producing 224 px train batches: a naive pipeline (full decode, crop,
+     resize, float conversion and normalisation in the worker) and then each of our steps added
+     in turn (uint8 out, crop+resize in one call, DCT-domain downscale per crop, decoding only
+     the crop's rows), all reading the same shards;
+  2. our real loader (data.make_train_loader, 1 worker) on the original and the --max-side
+     shards against the naive pipeline on the original shards: the end-to-end gain;
+  3. our real loader with 1 vs 2 workers;
+  4. the share of our per-image time spent inside libjpeg (the floor Python cannot remove).
+Throughput is counted from the first batch on (worker start-up excluded), best of --repeat runs,
+variants interleaved so that background load hits them alike. The last line prints the
+--max-side end-to-end ratio.
+
+    python benchmarks/bench_loader.py [--images 512] [--max-side 384] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from data import DataConfig, make_train_loader, write_imagenet_shards  # noqa: E402
+from data.decode import _draft, _load_rows, decode_crop, open_image  # noqa: E402
+from data.sources import resolve_source  # noqa: E402
+from data.tario import read_range  # noqa: E402
+from data.config import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from data.transforms import random_resized_crop_box  # noqa: E402
+
+SIZE = 224
+
+
+def photo_like(rng: np.random.Generator, width: int, height: int) -> bytes:
+    """Smooth colour fields plus blobs plus sensor-like noise: compresses like a photo (~100 KB)."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) / max(width, height)
+    f = rng.uniform(2, 9, (3, 2))
+    img = np.stack([np.sin(f[c, 0] * xx + rng.uniform(0, 6)) * np.cos(f[c, 1] * yy + rng.uniform(0, 6))
+                    for c in range(3)], -1) * 70 + 128
+    for _ in range(6):
+        cx, cy, r = rng.uniform(0, 1), rng.uniform(0, 0.75), rng.uniform(0.03, 0.2)
+        img += rng.uniform(-80, 80, 3) * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / r**2)[..., None]
+    img += rng.normal(0, 18, img.shape)
+    out = io.BytesIO()
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def make_images(src: Path, count: int) -> None:
+    if (src / "done").exists() and int((src / "done").read_text()) == count:
+        return
+    rng = np.random.default_rng(0)
+    shapes = [(500, 375), (375, 500), (500, 333), (500, 400)]
+    for i in range(count):
+        folder = src / "train" / f"n{i % 10:08d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        w, h = shapes[i % len(shapes)] if i % 5 else shapes[0]
+        (folder / f"img_{i:06d}.JPEG").write_bytes(photo_like(rng, w, h))
+    (src / "done").write_text(str(count))
+
+
+# ---- the pipelines measured in part 1 (all read the shards with the same tar reader) ----------
+
+def naive(data: bytes, rng) -> np.ndarray:
+    """What a straightforward torchvision-style pipeline does, float tensor made in the worker."""
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    box = random_resized_crop_box(*img.size, rng)
+    img = img.crop(box).resize((SIZE, SIZE), Image.Resampling.BILINEAR)
+    if rng.random() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    x = np.asarray(img, dtype=np.float32) / 255.0
+    return ((x - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)).transpose(2, 0, 1)
+
+
+def steps(draft: bool, fused: bool, rows: bool):
+    def ours(data: bytes, rng) -> np.ndarray:
+        return decode_crop(data, lambda w, h: random_resized_crop_box(w, h, rng), SIZE,
+                           flip=bool(rng.random() < 0.5), draft=draft, fused=fused, rows=rows)
+    return ours
+
+
+LADDER = [
+    ("naive: full decode, crop, resize, float+normalise in worker", naive, True),
+    ("+ uint8 out (normalise on the device)", steps(False, False, False), False),
+    ("+ crop and resize in one call", steps(False, True, False), False),
+    ("+ DCT-domain downscale chosen per crop (draft)", steps(True, True, False), False),
+    ("+ decode only the crop's rows (= ours)", steps(True, True, True), False),
+]
+
+
+class BenchStream(IterableDataset):
+    def __init__(self, urls, counts, fn, as_float, batch):
+        self.urls, self.counts, self.fn, self.as_float, self.batch = urls, counts, fn, as_float, batch
+
+    def __iter__(self):
+        rng = np.random.default_rng(0)
+        out = []
+        for url, count in zip(self.urls, self.counts):
+            for _, entry in read_range(url, 0, count):
+                out.append(self.fn(entry["jpg"], rng))
+                if len(out) == self.batch:
+                    yield self._stack(out)
+                    out = []
+
+    def _stack(self, arrays):
+        if self.as_float:
+            return torch.from_numpy(np.stack(arrays))
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def rate(batches, batch_size: int) -> tuple[float, float]:
+    """(images per wall second from the first batch on, images per worker CPU second).
+
+    The CPU figure is what one worker costs, whatever else runs on the machine: the loader
+    workers are child processes, and their CPU time reaches RUSAGE_CHILDREN once they have been
+    joined at the end of the epoch. On an idle machine the two agree for one worker.
+    """
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    it = iter(batches)
+    next(it)
+    start, n = time.perf_counter(), 0
+    for _ in it:
+        n += batch_size
+    wall = n / (time.perf_counter() - start)
+    del it
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+    return wall, (n + batch_size) / cpu
+
+
+def ladder_rate(shards, fn, as_float, batch) -> tuple[float, float]:
+    stream = BenchStream(shards.urls, shards.counts, fn, as_float, batch)
+    return rate(DataLoader(stream, batch_size=None, num_workers=1, prefetch_factor=4), batch)
+
+
+def loader_rate(source: str, workers: int, batch: int) -> tuple[float, float]:
+    cfg = DataConfig(train=source, image_size=SIZE, batch_size=batch, num_workers=workers,
+                     shuffle_buffer=256, prefetch_factor=4)
+    return rate(make_train_loader(cfg, 0, 1), batch)
+
+
+def decode_share(shards, limit: int = 200) -> tuple[float, float]:
+    """(share of our per-image time inside libjpeg, ms per image), measured in-process."""
+    datas = [e["jpg"] for u, c in zip(shards.urls, shards.counts) for _, e in read_range(u, 0, c)][:limit]
+    rng = np.random.default_rng(1)
+    boxes = [random_resized_crop_box(*open_image(d).size, rng) for d in datas]
+    fn = steps(True, True, True)
+    best_dec, best_all = 1e9, 1e9
+    for _ in range(3):
+        t0 = time.process_time()
+        for d, box in zip(datas, boxes):
+            img = open_image(d)
+            _load_rows(img, d, _draft(img, box, SIZE), SIZE)
+        t1 = time.process_time()
+        for d in datas:
+            fn(d, rng)
+        t2 = time.process_time()
+        best_dec, best_all = min(best_dec, t1 - t0), min(best_all, t2 - t1)
+    return best_dec / best_all, 1000 * best_all / len(datas)
+
+
+def best_of(repeat: int, jobs: dict) -> dict:
+    """Run every job `repeat` times, interleaved, and keep each one's best (wall, cpu) rates."""
+    best = {k: (0.0, 0.0) for k in jobs}
+    for _ in range(repeat):
+        for key, job in jobs.items():
+            wall, cpu = job()
+            best[key] = (max(best[key][0], wall), max(best[key][1], cpu))
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--max-side", type=int, default=384)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--workdir", default=str(ROOT / ".cache" / "bench_loader"))
+    args = parser.parse_args()
+    work = Path(args.workdir)
+    make_images(work / "src", args.images)
+    orig = write_imagenet_shards(work / "src", work / "orig", shard_size=args.images // 4, workers=2, progress=False)
+    small = write_imagenet_shards(work / "src", work / f"max{args.max_side}", shard_size=args.images // 4,
+                                  max_side=args.max_side, workers=2, progress=False)
+    shards = resolve_source(str(orig), "train")
+    small_shards = resolve_source(str(small), "train")
+    mean_kb = sum(shards.bytes) / shards.total / 1024
+    print(f"{shards.total} images, ~500x375 q90, {mean_kb:.0f} KiB/image in shards; "
+          f"--max-side {args.max_side}: {sum(small_shards.bytes) / small_shards.total / 1024:.0f} KiB/image; "
+          f"batch {args.batch}, {SIZE} px train crops, {os.cpu_count()} CPUs, best of {args.repeat}")
+
+    jobs = {name: (lambda fn=fn, fl=fl: ladder_rate(shards, fn, fl, args.batch)) for name, fn, fl in LADDER}
+    jobs["ours, real loader, original shards"] = lambda: loader_rate(str(orig), 1, args.batch)
+    jobs[f"ours, real loader, --max-side {args.max_side} shards"] = lambda: loader_rate(str(small), 1, args.batch)
+    jobs["ours, real loader, original shards, 2 workers"] = lambda: loader_rate(str(orig), 2, args.batch)
+    best = best_of(args.repeat, jobs)
+    base_wall, base_cpu = best[LADDER[0][0]]
+    print("\n1 worker process: images per worker CPU-second (x naive) | images per wall second (x naive)")
+    for name, (wall, cpu) in best.items():
+        if "2 workers" not in name:
+            print(f"  {cpu:7.1f} ({cpu / base_cpu:4.2f}x) | {wall:7.1f} ({wall / base_wall:4.2f}x)  {name}")
+    one, two = best["ours, real loader, original shards"][0], best["ours, real loader, original shards, 2 workers"][0]
+    print(f"\nworkers (wall clock, needs 2 idle cores): 1 -> {one:.1f} img/s, 2 -> {two:.1f} img/s: "
+          f"{two / one:.2f}x; load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    for label, s in (("original", shards), (f"--max-side {args.max_side}", small_shards)):
+        share, ms = decode_share(s)
+        print(f"JPEG decoding share of our per-image time ({label} shards): {100 * share:.0f}% of {ms:.2f} ms")
+    wall, cpu = best[f"ours, real loader, --max-side {args.max_side} shards"]
+    print(f"--max-side {args.max_side} end-to-end (our loader on --max-side shards vs naive on original "
+          f"shards, 1 worker): {cpu / base_cpu:.2f}x per worker CPU-second ({wall / base_wall:.2f}x wall)")
+
+
+if __name__ == "__main__":
+    main()

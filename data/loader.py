@@ -1,0 +1,158 @@
+"""`StreamingLoader`: one rank's view of a shard set, with an exact, resumable position.
+
+The rank and world size are passed in (the trainer reads them from torch.distributed); this
+module never talks to other ranks. Equal batch counts on every rank follow from the planning
+rule in `data.plan`, which every rank evaluates identically.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from data.config import DataConfig
+from data.plan import plan_train, plan_val, train_batches, val_batches
+from data.sources import ShardSet, resolve_source
+from data.stream import EpochStream, StreamSpec
+
+STATE_VERSION = 1
+
+
+class StreamingLoader:
+    """Batches of one rank for one epoch at a time.
+
+    Use: `loader.set_epoch(e)`, then iterate. Train batches are `(images, labels)`, val batches
+    `(images, labels, valid)`; images are uint8 [B, 3, S, S] (normalise them on the device with
+    `data.normalize`), labels int64 [B], and `valid` marks the padding that evens out the ranks
+    (exclude valid=False items from metrics). Every batch has exactly `batch_size` items.
+
+    `len(loader)` is the number of batches per epoch, the same on every rank (see data.plan).
+    `state_dict()` records (epoch, batches yielded, bad-sample count); after `load_state_dict`,
+    the next iteration of that epoch starts at the recorded batch and yields exactly what an
+    uninterrupted run would have yielded next. The position is identical on all ranks, so any
+    rank's state resumes every rank (`bad_samples` is this rank's own counter). Without a loaded
+    state, each iteration starts the epoch from its first batch, like a DataLoader.
+
+    `bad_samples` counts unreadable samples this rank met (a metric): in training their slot is
+    filled by another sample of the same batch; in validation it is marked valid=False.
+    """
+
+    def __init__(self, shards: ShardSet, cfg: DataConfig, rank: int, world_size: int, train: bool):
+        _check_rank(rank, world_size)
+        self.shards, self.cfg, self.rank, self.world_size, self.train = shards, cfg, rank, world_size, train
+        self.num_workers = max(1, cfg.num_workers)  # logical workers; 0 means one, in-process
+        self.epoch, self.position, self.bad_samples = 0, 0, 0
+        self._resume_at: int | None = None
+        count = train_batches if train else val_batches
+        self.batches = count(shards.total, world_size, cfg.batch_size)
+        if self.batches == 0:
+            raise ValueError(
+                f"{shards.source}: {shards.total} {'train' if train else 'val'} samples are fewer than "
+                f"world_size x batch_size = {world_size} x {cfg.batch_size}; lower data.batch_size")
+
+    @property
+    def classes(self) -> list[str] | None:
+        return self.shards.classes
+
+    @property
+    def num_classes(self) -> int | None:
+        return None if self.shards.classes is None else len(self.shards.classes)
+
+    @property
+    def batch_size(self) -> int:
+        return self.cfg.batch_size
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch the next iteration plays (shard order and augmentation depend on it)."""
+        if epoch != self.epoch:
+            self._resume_at = None
+        self.epoch = int(epoch)
+
+    def _plans(self):
+        c = self.cfg
+        if self.train:
+            return plan_train(self.shards.urls, self.shards.counts, self.rank, self.world_size,
+                              self.num_workers, c.batch_size, c.seed, self.epoch)
+        return plan_val(self.shards.urls, self.shards.counts, self.rank, self.world_size,
+                        self.num_workers, c.batch_size)
+
+    def _spec(self) -> StreamSpec:
+        c = self.cfg
+        return StreamSpec(
+            train=self.train, batch_size=c.batch_size, image_size=c.image_size, transform=c.transform,
+            crop_fraction=c.val_crop_fraction, shuffle_buffer=c.shuffle_buffer, seed=c.seed,
+            epoch=self.epoch, rank=self.rank, max_bad_fraction=c.max_bad_fraction,
+            shard_counts=dict(zip(self.shards.urls, self.shards.counts)), num_classes=self.num_classes)
+
+    def _batches(self, start: int):
+        stream = EpochStream(self._plans(), self._spec(), start)
+        if self.cfg.num_workers == 0:
+            return iter(stream)
+        # Workers are forked per epoch (the plan is baked into the dataset object they receive).
+        return iter(DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
+                               prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False,
+                               pin_memory=self.cfg.pin_memory,
+                               multiprocessing_context=self.cfg.mp_context))
+
+    def __iter__(self):
+        start, self._resume_at = (self._resume_at or 0), None
+        self.position = start
+        for images, labels, valid, (worker, index, bad) in self._batches(start):
+            assert worker == self.position % self.num_workers and index == self.position // self.num_workers, \
+                f"batch order broken: got worker {worker} batch {index} at position {self.position}"
+            self.position += 1
+            self.bad_samples += bad
+            yield (images, labels) if self.train else (images, labels, valid)
+
+    def _fingerprint(self) -> dict[str, Any]:
+        c = self.cfg
+        out = {"split": "train" if self.train else "val", "shards": self.shards.digest(),
+               "world_size": self.world_size, "num_workers": self.num_workers,
+               "batch_size": c.batch_size}
+        if self.train:
+            out.update(seed=c.seed, shuffle_buffer=c.shuffle_buffer)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able position: {"version", "epoch", "position", "bad_samples", "fingerprint"}."""
+        return {"version": STATE_VERSION, "epoch": self.epoch, "position": self.position,
+                "bad_samples": self.bad_samples, "fingerprint": self._fingerprint()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at `state`'s position; ValueError if it was made under different settings
+        (world size, workers, batch size, seed, buffer or shards), which would change the order."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
+        mine, theirs = self._fingerprint(), state.get("fingerprint", {})
+        changed = [f"{k}: {theirs.get(k)!r} -> {v!r}" for k, v in mine.items() if theirs.get(k) != v]
+        if changed:
+            raise ValueError("cannot resume the data position exactly, settings changed: " + "; ".join(changed))
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.bad_samples = int(state.get("bad_samples", 0))
+        self._resume_at = self.position
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+
+
+def make_train_loader(cfg: DataConfig, rank: int, world_size: int) -> StreamingLoader:
+    """The training loader of `rank` of `world_size` (shards checked at construction)."""
+    _check_rank(rank, world_size)
+    if cfg.train is None:
+        raise ValueError("data.train: no training shard source configured")
+    return StreamingLoader(resolve_source(cfg.train, "train", cfg.check_sources), cfg, rank, world_size, True)
+
+
+def make_val_loader(cfg: DataConfig, rank: int, world_size: int) -> StreamingLoader:
+    """The validation loader: every val sample once across ranks, padding flagged valid=False."""
+    _check_rank(rank, world_size)
+    if cfg.val is None:
+        raise ValueError("data.val: no validation shard source configured")
+    return StreamingLoader(resolve_source(cfg.val, "val", cfg.check_sources), cfg, rank, world_size, False)

@@ -1,0 +1,246 @@
+"""What runs inside a loader worker: read its pieces, shuffle, decode, and emit uint8 batches.
+
+Everything a worker does is a function of (plan, seed, epoch, rank, batch index), never of how
+long it has been running, so a resumed worker produces exactly the batches an uninterrupted one
+would have: the shuffle order is precomputed over positions (`plan.buffer_order`), and every
+batch draws its augmentation from a generator seeded by its own index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from data.decode import decode_crop, decode_full
+from data.plan import WorkerPlan, batches_done, buffer_order
+from data.tario import read_range
+from data.transforms import centre_crop_box, pad_crop, pad_crop_offsets, random_resized_crop_box
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+class CorruptShardError(RuntimeError):
+    """Too many unreadable samples in one shard (more than `max_bad_fraction` of it)."""
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """Settings shared by every worker of one loader."""
+
+    train: bool
+    batch_size: int
+    image_size: int
+    transform: str
+    crop_fraction: float
+    shuffle_buffer: int
+    seed: int
+    epoch: int
+    rank: int
+    max_bad_fraction: float
+    shard_counts: dict  # url -> samples in the whole shard (denominator of the bad fraction)
+    num_classes: int | None
+
+
+class ImageTransform:
+    """bytes -> uint8 HxWx3 array of side `size`, with the augmentation of the spec."""
+
+    def __init__(self, spec: StreamSpec):
+        self.spec = spec
+
+    def __call__(self, data: bytes, rng: np.random.Generator) -> np.ndarray:
+        s = self.spec
+        if s.transform == "cifar":
+            image = decode_full(data, s.image_size)
+            if not s.train:
+                return image
+            image = pad_crop(image, pad_crop_offsets(rng))
+            return image[:, ::-1] if rng.random() < 0.5 else image
+        if not s.train:
+            return decode_crop(data, lambda w, h: centre_crop_box(w, h, s.crop_fraction), s.image_size)
+        return decode_crop(data, lambda w, h: random_resized_crop_box(w, h, rng), s.image_size,
+                           flip=bool(rng.random() < 0.5))
+
+
+class _SampleSource:
+    """Serves the samples of a worker's pieces in emission order, starting at emission `cursor`.
+
+    Positions already emitted before `cursor` are skipped without decoding; positions before the
+    first one still needed are not even read (seeked over on local files).
+    """
+
+    def __init__(self, plan: WorkerPlan, order: np.ndarray, cursor: int):
+        self.plan, self.order = plan, order
+        sizes = [p.size for p in plan.pieces]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.emitted = np.zeros(len(order), dtype=bool)
+        self.emitted[order[:cursor]] = True
+        first = int(order[cursor:].min()) if cursor < len(order) else len(order)
+        self.reader = self._read_from(first)
+        self.store: dict[int, object] = {}
+
+    def url_of(self, pos: int) -> str:
+        return self.plan.pieces[int(np.searchsorted(self.offsets, pos, side="right")) - 1].url
+
+    def _read_from(self, first: int):
+        for k, piece in enumerate(self.plan.pieces):
+            base = int(self.offsets[k])
+            if base + piece.size <= first:
+                continue
+            skip = max(first - base, 0)
+            for index, entry in read_range(piece.url, piece.start + skip, piece.stop,
+                                           want=lambda i, b=base - piece.start: not self.emitted[b + i]):
+                yield base + index - piece.start, entry
+
+    def get(self, emission: int):
+        """(position, entry) of emission number `emission` (called in increasing order)."""
+        pos = int(self.order[emission])
+        while pos not in self.store:
+            got, entry = next(self.reader)
+            if not self.emitted[got]:
+                self.store[got] = entry
+        return pos, self.store.pop(pos)
+
+
+class _BadCounter:
+    """Counts unreadable samples per shard and raises past the allowed fraction."""
+
+    def __init__(self, spec: StreamSpec):
+        self.spec, self.per_shard, self.new = spec, {}, 0
+
+    def add(self, url: str, reason: str) -> None:
+        self.new += 1
+        bad = self.per_shard[url] = self.per_shard.get(url, 0) + 1
+        count = self.spec.shard_counts.get(url, 0)
+        if bad > self.spec.max_bad_fraction * count:
+            raise CorruptShardError(
+                f"shard {url}: {bad} of its {count} samples are unreadable, more than "
+                f"max_bad_fraction={self.spec.max_bad_fraction}; last problem: {reason}")
+
+    def take(self) -> int:
+        new, self.new = self.new, 0
+        return new
+
+
+def parse_sample(entry, num_classes: int | None) -> tuple[bytes, int]:
+    """(image bytes, label) of a read sample; ValueError naming what is wrong."""
+    if isinstance(entry, str):
+        raise ValueError(entry)
+    image = next((entry[e] for e in IMAGE_EXTS if e in entry), None)
+    if image is None or "cls" not in entry:
+        raise ValueError(f"sample {entry.get('__key__')} lacks an image or a .cls member")
+    label = int(entry["cls"].decode().strip())
+    if label < 0 or (num_classes is not None and label >= num_classes):
+        raise ValueError(f"sample {entry.get('__key__')} has label {label} outside the classes")
+    return image, label
+
+
+class EpochStream(IterableDataset):
+    """One rank's epoch as an iterable of batches; each DataLoader worker serves one plan.
+
+    Items are (images uint8 [B,3,H,W], labels int64 [B], valid bool [B], meta) with
+    meta = (logical worker, batch index within that worker, newly counted bad samples).
+    """
+
+    def __init__(self, plans: list[WorkerPlan], spec: StreamSpec, start: int):
+        self.plans, self.spec, self.start = plans, spec, start
+
+    def __iter__(self):
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        # The DataLoader asks physical workers round-robin from worker 0; rotating the plans makes
+        # physical worker 0 serve the plan that owns batch `start`, so a resumed epoch keeps order.
+        plan = self.plans[(physical + self.start) % len(self.plans)]
+        first = batches_done(self.start, len(self.plans), plan.worker)
+        if self.spec.train:
+            yield from self._train(plan, first)
+        else:
+            yield from self._val(plan, first)
+
+    def _rng(self, plan: WorkerPlan, *extra: int) -> np.random.Generator:
+        s = self.spec
+        return np.random.default_rng([s.seed, s.epoch, s.rank, plan.worker, *extra])
+
+    def _train(self, plan: WorkerPlan, first: int):
+        size = self.spec.batch_size
+        order = buffer_order(plan.samples, self.spec.shuffle_buffer, self._rng(plan, 0, 0))
+        source, bad = _SampleSource(plan, order, first * size), _BadCounter(self.spec)
+        transform = ImageTransform(self.spec)
+        reserve = _Reserve(plan, self.spec, transform)
+        for b in range(first, plan.batches):
+            items = [source.get(b * size + i) for i in range(size)]
+            images, labels, valid = self._decode(items, transform, self._rng(plan, 1, b), source, bad)
+            self._fill_bad(images, labels, valid, items, transform, self._rng(plan, 2, b), reserve)
+            yield images, labels, torch.ones(size, dtype=torch.bool), (plan.worker, b, bad.take())
+
+    def _val(self, plan: WorkerPlan, first: int):
+        size = self.spec.batch_size
+        order = np.arange(plan.samples, dtype=np.int64)
+        source, bad = _SampleSource(plan, order, min(first * size, plan.samples)), _BadCounter(self.spec)
+        transform, rng = ImageTransform(self.spec), np.random.default_rng(0)
+        for b in range(first, plan.batches):
+            items = [source.get(p) for p in range(b * size, min((b + 1) * size, plan.samples))]
+            images, labels, valid = self._decode(items, transform, rng, source, bad)
+            yield images, labels, valid, (plan.worker, b, bad.take())
+
+    def _decode(self, items, transform, rng, source, bad):
+        size, side = self.spec.batch_size, self.spec.image_size
+        images = np.zeros((size, side, side, 3), dtype=np.uint8)
+        labels = np.zeros(size, dtype=np.int64)
+        valid = np.zeros(size, dtype=bool)
+        for slot, (pos, entry) in enumerate(items):
+            try:
+                data, labels[slot] = parse_sample(entry, self.spec.num_classes)
+                images[slot] = transform(data, rng)
+                valid[slot] = True
+            except Exception as exc:  # any decoder failure is a bad sample, counted below
+                bad.add(source.url_of(pos), f"{type(exc).__name__}: {exc}")
+        # One copy per batch to NCHW; costs little next to decoding and keeps the batch contiguous.
+        batch = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+        return batch, torch.from_numpy(labels), torch.from_numpy(valid)
+
+    def _fill_bad(self, images, labels, valid, items, transform, rng, reserve) -> None:
+        """Train only: a bad slot gets another readable sample of the same batch (or, if the whole
+        batch is unreadable, one of the worker's reserve), freshly augmented. The batch stays full
+        and which samples a batch holds never depends on history, so resuming stays exact."""
+        holes = torch.nonzero(~valid).flatten().tolist()
+        if not holes:
+            return
+        good = torch.nonzero(valid).flatten().tolist()
+        donors = [parse_sample(items[i][1], self.spec.num_classes) for i in good] or reserve.samples()
+        for k, slot in enumerate(holes):
+            data, label = donors[k % len(donors)]
+            images[slot] = torch.from_numpy(np.ascontiguousarray(transform(data, rng))).permute(2, 0, 1)
+            labels[slot] = label
+
+
+class _Reserve:
+    """The first readable samples of a worker's range, in read order: stand-ins for batches that
+    are entirely unreadable (e.g. behind a truncated shard). Read lazily, only when needed."""
+
+    def __init__(self, plan: WorkerPlan, spec: StreamSpec, transform: ImageTransform):
+        self.plan, self.spec, self.transform, self.found = plan, spec, transform, None
+
+    def samples(self) -> list[tuple[bytes, int]]:
+        if self.found is None:
+            self.found = self._collect()
+        if not self.found:
+            urls = ", ".join(p.url for p in self.plan.pieces[:3])
+            raise CorruptShardError(f"no readable sample at all in this worker's shards ({urls})")
+        return self.found
+
+    def _collect(self) -> list[tuple[bytes, int]]:
+        found, rng = [], np.random.default_rng(0)
+        for piece in self.plan.pieces:
+            for _, entry in read_range(piece.url, piece.start, piece.stop):
+                try:
+                    data, label = parse_sample(entry, self.spec.num_classes)
+                    self.transform(data, rng)
+                except Exception:
+                    continue
+                found.append((data, label))
+                if len(found) == self.spec.batch_size:
+                    return found
+        return found
