@@ -88,6 +88,13 @@ class ShortcutA(nn.Module):
         self.register_buffer("_src", torch.tensor(self.src, dtype=torch.long), persistent=False)
         self.register_buffer("_dst", torch.tensor(self.dst, dtype=torch.long), persistent=False)
 
+    def reset_index(self) -> None:
+        """Rebuild the (non-persistent) index buffers from `src`/`dst`, e.g. after a model built
+        on the meta device was given storage with `to_empty`."""
+        device = self._src.device if self._src.device.type != "meta" else None
+        self._src = torch.tensor(self.src, dtype=torch.long, device=device)
+        self._dst = torch.tensor(self.dst, dtype=torch.long, device=device)
+
     def forward(self, x: Tensor) -> Tensor:
         x = x[:, :, :: self.stride, :: self.stride]
         out = x.new_zeros(x.shape[0], self.width, *x.shape[2:])

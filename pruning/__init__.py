@@ -1,5 +1,26 @@
-"""Pure-PyTorch filter pruning: groups, importance, schedules, masks, compaction, FLOPs."""
+"""Pure-PyTorch filter pruning: groups, importance, schedules, masks, compaction, FLOPs.
 
+The three questions live apart (Torch-Pruning's split): what is coupled (`build_groups`), how
+important each slot is (`score`), when and how much (`make_schedule`, `select`); and selection
+is apart from action (`apply_masks` / `masked_tensors` zero, `compact` cuts).
+"""
+
+from .apply import apply_masks, masked_tensors
+from .compact import compact
+from .config import PruningConfig
+from .cost import masked_cost
 from .flops import Counts, count_flops, count_params
+from .groups import Group, GroupSet, Member, build_groups
+from .importance import filter_scores, score
+from .io import load_compact, save_compact
+from .masks import MaskSet, full_masks
+from .presets import PRESETS, preset_names, preset_rates
+from .schedules import is_prune_epoch, make_schedule, plot_schedules
+from .select import kept_count, select
 
-__all__ = ["Counts", "count_flops", "count_params"]
+__all__ = [
+    "PRESETS", "Counts", "Group", "GroupSet", "MaskSet", "Member", "PruningConfig", "apply_masks",
+    "build_groups", "compact", "count_flops", "count_params", "filter_scores", "full_masks",
+    "is_prune_epoch", "kept_count", "load_compact", "make_schedule", "masked_cost", "masked_tensors",
+    "plot_schedules", "preset_names", "preset_rates", "save_compact", "score", "select",
+]

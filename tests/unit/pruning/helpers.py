@@ -1,0 +1,52 @@
+"""Helpers shared by the pruning tests: dense models with non-trivial BN statistics, built once."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from models import create_model
+
+CIFAR_SIZE, IMAGENET_SIZE = 32, 36  # 36 px: ImageNet ResNets still end at 2x2
+
+
+def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Running statistics and affine parameters far from their defaults, so that a pruned
+    channel's BN constant is non-zero and differs from channel to channel."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                n = mod.num_features
+                mod.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+                mod.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                mod.weight.copy_(torch.randn(n, generator=g) * 0.3 + 1.0)
+                mod.bias.copy_(torch.randn(n, generator=g) * 0.5)
+                mod.num_batches_tracked.fill_(7)
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def dense_model(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return randomise_bn(create_model(name)).eval()
+
+
+def input_size_for(model: nn.Module) -> int:
+    return CIFAR_SIZE if model.softprune_meta.input_size == 32 else IMAGENET_SIZE
+
+
+def random_masks(groups, rate: float, seed: int):
+    """Random masks pruning about `rate` of each group's slots (never all of them)."""
+    from pruning import MaskSet
+
+    g = torch.Generator().manual_seed(seed)
+    keep = {}
+    for grp in groups:
+        k = torch.rand(grp.size, generator=g) >= rate
+        if not k.any():
+            k[torch.randint(grp.size, (1,), generator=g)] = True
+        keep[grp.name] = k
+    return MaskSet(0, keep)

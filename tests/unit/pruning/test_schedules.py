@@ -1,0 +1,69 @@
+"""Schedules are pure functions of the epoch with the papers' shapes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pruning import PruningConfig, is_prune_epoch, make_schedule, plot_schedules
+
+
+def _cfg(**kw):
+    return PruningConfig(method="sfp", rate=0.4, **kw)
+
+
+def test_constant_is_sfp():
+    f = make_schedule(_cfg(), 100)
+    assert [f(e) for e in (0, 50, 99, 150)] == [0.4] * 4
+
+
+@pytest.mark.parametrize("d", [0.125, 0.25, 0.5])
+def test_asymptotic_passes_through_the_three_points(d):
+    f = make_schedule(PruningConfig(method="asfp", rate=0.4, asymptotic_d=d), 81)
+    E = 80
+    assert f(0) == pytest.approx(0.0, abs=1e-12)
+    assert f(d * E) == pytest.approx(0.3, rel=1e-9)
+    assert f(E) == pytest.approx(0.4, rel=1e-9) and f(E + 10) == 0.4
+    values = [f(e) for e in range(E + 1)]
+    assert all(a < b for a, b in zip(values, values[1:]))
+    assert f(d * E) == pytest.approx(0.4 * (1 - 4 ** (-1)), rel=1e-2) if d == 0.125 else True
+
+
+def test_asymptotic_is_close_to_the_power_of_four_form():
+    f = make_schedule(PruningConfig(method="asfp", rate=0.3, last_prune_epoch=64), 100)
+    for t in (4, 16, 32):
+        assert f(t) == pytest.approx(0.3 * (1 - 4 ** (-t / 8)), abs=2e-3)
+
+
+def test_linear_cubic_one_shot_and_none():
+    lin = make_schedule(_cfg(schedule="linear"), 11)
+    assert lin(0) == 0 and lin(5) == pytest.approx(0.2) and lin(10) == pytest.approx(0.4)
+    cub = make_schedule(_cfg(schedule="cubic"), 11)
+    assert cub(5) == pytest.approx(0.4 * (1 - 0.5**3)) and cub(20) == pytest.approx(0.4)
+    one = make_schedule(PruningConfig(method="pfec", rate=0.5, prune_epoch=3), 10)
+    assert [one(e) for e in range(5)] == [0, 0, 0, 0.5, 0.5]
+    assert make_schedule(PruningConfig(), 10)(5) == 0.0
+    preset = make_schedule(PruningConfig(method="pfec", policy="pfec", preset="resnet56-A"), 10)
+    assert preset(0) == 1.0  # the preset's own per-layer rates in full
+
+
+def test_prune_epochs():
+    cfg = _cfg(every=3, freeze_epoch=7)
+    assert [e for e in range(10) if is_prune_epoch(cfg, e)] == [0, 3, 6]
+    pfec = PruningConfig(method="pfec", prune_epoch=2)
+    assert [e for e in range(5) if is_prune_epoch(pfec, e)] == [2]
+
+
+def test_plot_writes_a_png(tmp_path):
+    cfgs = {"sfp": _cfg(), "asfp": PruningConfig(method="asfp", rate=0.4)}
+    path = plot_schedules({k: make_schedule(c, 50) for k, c in cfgs.items()}, 50, tmp_path / "s.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
+
+
+def test_too_short_runs_are_rejected():
+    with pytest.raises(ValueError, match="total_epochs"):
+        make_schedule(_cfg(), 0)
+    with pytest.raises(ValueError, match="E >= 1"):
+        make_schedule(PruningConfig(method="asfp"), 1)
+    assert not math.isnan(make_schedule(PruningConfig(method="asfp"), 2)(1))
