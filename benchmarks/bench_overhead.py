@@ -1,0 +1,190 @@
+"""Overhead of the orchestration, measured in one run:
+
+1. steps/s of the Ray Train + DeepSpeed 2-worker loop against a bare torchrun DDP loop with the
+   same model, batch, threads and in-memory batches (so only the framework differs); target >= 0.9;
+2. the pruning coordinator's time per event (gather full fp32 weights, score on rank 0, broadcast,
+   hash check, apply to module + ZeRO master) for ResNet-101 with 2 ranks at ZeRO-2, as a fraction
+   of one training step of the same engine.
+
+    python benchmarks/bench_overhead.py [--model resnet20 --size 32 --batch 32 --steps 30]
+
+The last line printed is the steps/s ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _batches(size: int, batch: int, classes: int, rank: int, n: int = 4):
+    import torch
+
+    g = torch.Generator().manual_seed(rank)
+    return [(torch.randn(batch, 3, size, size, generator=g), torch.randint(0, classes, (batch,), generator=g))
+            for _ in range(n)]
+
+
+def _time_steps(step, batches, steps: int, warmup: int) -> float:
+    """steps/s of `step(x, y)` after `warmup` steps; every rank steps in lockstep (DDP / ZeRO)."""
+    for i in range(warmup):
+        step(*batches[i % len(batches)])
+    start = time.perf_counter()
+    for i in range(steps):
+        step(*batches[i % len(batches)])
+    return steps / (time.perf_counter() - start)
+
+
+# -- baseline: bare DDP under torchrun ---------------------------------------------------------
+def ddp_worker(args) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from models import create_model
+
+    torch.set_num_threads(args.threads)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(create_model(args.model, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
+
+    def step(x, y):
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()  # sync point: gradient all-reduce
+        opt.step()
+
+    rate = _time_steps(step, _batches(args.size, args.batch, 10, rank), args.steps, args.warmup)
+    if rank == 0:
+        Path(args.out).write_text(json.dumps({"steps_per_s": rate}))
+    dist.destroy_process_group()
+
+
+def run_ddp(args) -> float:
+    out = Path(tempfile.mkdtemp()) / "ddp.json"
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2",
+           __file__, "--ddp-worker", "--out", str(out), "--model", args.model, "--size", str(args.size),
+           "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--threads", str(args.threads)]
+    subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
+    return json.loads(out.read_text())["steps_per_s"]
+
+
+# -- Ray Train + DeepSpeed -------------------------------------------------------------------
+def ray_worker(loop_config: dict) -> None:
+    import ray.train
+    import torch
+
+    from models import create_model
+    from orchestrator.config import load_config
+    from orchestrator.coordinator import Coordinator
+    from orchestrator.engine import build_engine, init_distributed
+    from pruning import build_groups, score, select
+
+    a = loop_config
+    torch.set_num_threads(a["threads"])
+    init_distributed()
+    rank = torch.distributed.get_rank()
+
+    def engine_for(model_name: str, stage: int, batch: int):
+        cfg = load_config({"data": {"train": "unused", "batch_size": batch},
+                           "model": {"name": model_name, "num_classes": 10},
+                           "optim": {"lr": 0.01}, "scaling": {"workers": 2, "zero_stage": stage}})
+        torch.manual_seed(0)
+        return build_engine(create_model(model_name, 10), cfg, 2)
+
+    def stepper(engine):
+        def step(x, y):
+            engine.backward(torch.nn.functional.cross_entropy(engine(x), y))  # sync point
+            engine.step()
+        return step
+
+    engine = engine_for(a["model"], a["stage"], a["batch"])
+    rate = _time_steps(stepper(engine), _batches(a["size"], a["batch"], 10, rank), a["steps"], a["warmup"])
+
+    # coordinator cost on ResNet-101 at ZeRO-2
+    big = engine_for("resnet101", 2, a["coord_batch"])
+    batches = _batches(a["coord_size"], a["coord_batch"], 10, rank, n=2)
+    step_rate = _time_steps(stepper(big), batches, a["coord_steps"], 1)
+    groups = build_groups(big.module, policy="sfp")
+    coord = Coordinator(big.module, groups, big)
+    choose = lambda t: select(groups, score(groups, t, "l2"), 0.3)  # noqa: E731  (rank 0 only)
+    times = []
+    for _ in range(a["events"]):
+        coord.event(choose, hard=False, zero_moments=True)
+        times.append(coord.last_seconds)
+    if rank == 0:  # Ray V2 keeps metrics only with checkpoints: hand the numbers back through a file
+        Path(a["out"]).write_text(json.dumps({"steps_per_s": rate, "r101_step_s": 1.0 / step_rate,
+                                              "coord_event_s": sorted(times)[len(times) // 2]}))
+
+
+def run_ray(args) -> dict:
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.driver import default_ray_temp_dir, worker_env
+
+    ray.init(address="local", num_cpus=2, _temp_dir=default_ray_temp_dir("_b"), log_to_driver=False)
+    config = {"model": args.model, "size": args.size, "batch": args.batch, "steps": args.steps,
+              "warmup": args.warmup, "threads": args.threads, "stage": args.stage, "coord_size": args.coord_size,
+              "coord_batch": args.coord_batch, "coord_steps": 3, "events": 3,
+              "out": str(Path(tempfile.mkdtemp()) / "ray.json")}
+    trainer = TorchTrainer(ray_worker, train_loop_config=config,
+                           scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+                           run_config=RunConfig(name=f"bench-{int(time.time())}",
+                                                storage_path=tempfile.mkdtemp(prefix="bench_"),
+                                                worker_runtime_env={"env_vars": worker_env()}))
+    trainer.fit()
+    ray.shutdown()
+    return json.loads(Path(config["out"]).read_text())
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (both loops)")
+    p.add_argument("--stage", type=int, default=0, help="ZeRO stage of the throughput comparison")
+    p.add_argument("--coord-size", type=int, default=64, help="ResNet-101 input side for the step time")
+    p.add_argument("--coord-batch", type=int, default=8)
+    p.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if args.ddp_worker:
+        ddp_worker(args)
+        return 0
+    # DDP before and after the Ray run: on a shared machine the load drifts between the phases,
+    # and the mean of the two brackets it
+    ddp_before = run_ddp(args)
+    ray_metrics = run_ray(args)
+    ddp = (ddp_before + run_ddp(args)) / 2
+    ratio = ray_metrics["steps_per_s"] / ddp
+    frac = ray_metrics["coord_event_s"] / ray_metrics["r101_step_s"]
+    print(f"{args.model} @ {args.size}px, batch {args.batch}/rank, 2 ranks x {args.threads} thread(s), "
+          f"ZeRO-{args.stage}")
+    print(f"bare DDP (torchrun):       {ddp:.3f} steps/s (mean of runs before and after: {ddp_before:.3f}, "
+          f"{2 * ddp - ddp_before:.3f})")
+    print(f"Ray Train + DeepSpeed:     {ray_metrics['steps_per_s']:.3f} steps/s")
+    print(f"coordinator, ResNet-101 ZeRO-2, 2 ranks: {ray_metrics['coord_event_s'] * 1e3:.1f} ms per event = "
+          f"{frac:.3f} x one training step ({ray_metrics['r101_step_s'] * 1e3:.1f} ms at "
+          f"{args.coord_size}px, batch {args.coord_batch}/rank)")
+    print(f"steps/s ratio (Ray+DeepSpeed / DDP): {ratio:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

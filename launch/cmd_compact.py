@@ -1,0 +1,22 @@
+"""`softprune compact RUN_DIR [--mode hard|faithful] [--out DIR]`: a deployable model from a
+run's latest checkpoint (its masks applied hard, then compacted), without Ray or DeepSpeed."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="<storage>/<name> of a run, or one checkpoint directory in it")
+    parser.add_argument("--mode", choices=["hard", "faithful"], default="hard")
+    parser.add_argument("--out", default=None, help="output directory (default: RUN_DIR/compact-<mode>)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from orchestrator.offline import compact_checkpoint
+
+    out, report = compact_checkpoint(args.run_dir, args.out, args.mode)
+    print(f"compacted ({args.mode}) from epoch {report['epoch']}: params {report['pruned']['params']:,} "
+          f"(dense {report['dense']['params']:,}), MACs {report['pruned']['macs']:,} "
+          f"(dense {report['dense']['macs']:,}) -> {out}")
+    return 0

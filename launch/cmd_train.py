@@ -1,0 +1,31 @@
+"""`softprune train CONFIG [a.b=value ...]`: train (and prune) with Ray Train + DeepSpeed.
+
+CONFIG is a YAML/JSON file or a recipe `module:function` (e.g. `launch.recipes:resnet56_sfp`).
+Running the same command again with the same `name` and `storage` resumes the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML/JSON file or module:function recipe")
+    parser.add_argument("overrides", nargs="*", help="section.field=value overrides (value read as YAML)")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    from orchestrator.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # fails here, before Ray, on bad input
+    if args.print_config:
+        print(json.dumps(cfg.model_dump(mode="json"), indent=1))
+        return 0
+    from orchestrator.summary import print_summary
+    from orchestrator.driver import run_training
+
+    print_summary(run_training(cfg, num_cpus=args.num_cpus))
+    return 0

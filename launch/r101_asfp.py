@@ -1,0 +1,116 @@
+"""ResNet-101 ASFP on ImageNet (He et al.): 100 epochs, global batch 256, SGD nesterov 0.9,
+lr 0.1 / 10 at 30, 60, 90, weight decay 1e-4, L2 criterion, P=30%, D=1/8, `sfp` layer policy.
+
+On a cluster:
+    ray job submit --working-dir . -- python launch/r101_asfp.py \
+        --data s3://bucket/in1k/train --val s3://bucket/in1k/val --storage s3://bucket/runs --workers 8
+On a laptop (local Ray, synthetic shards, ResNet-101 at 32 px on 2 CPU workers, a few minutes):
+    python launch/r101_asfp.py --smoke
+Running the same command again with the same --name and --storage resumes the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python launch/r101_asfp.py` (also under ray job submit) puts launch/ first
+    sys.path.insert(0, str(ROOT))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", help="train shard source (manifest path/URL, pipe:..., brace-expanded URLs)")
+    p.add_argument("--val", help="validation shard source")
+    p.add_argument("--storage", help="run storage: absolute path or URI (default: ./runs)")
+    p.add_argument("--name", help="run name; the same name resumes (default: r101-asfp, or the smoke name)")
+    p.add_argument("--workers", type=int, default=None, help="Ray Train workers (default 8; smoke 2)")
+    p.add_argument("--gpus-per-worker", type=float, default=None)
+    p.add_argument("--cpus-per-worker", type=float, default=None)
+    p.add_argument("--zero-stage", type=int, choices=[0, 1, 2], default=None)
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
+    p.add_argument("--max-failures", type=int, default=None, help="worker-group restarts Ray may do")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--smoke", action="store_true", help="local Ray, synthetic shards, small ResNet-101 on CPU")
+    p.add_argument("overrides", nargs="*", help="extra section.field=value overrides")
+    return p.parse_args(argv)
+
+
+def smoke_shards(root: Path) -> tuple[str, str]:
+    """Synthetic shards for the smoke run (written once; later runs only re-verify them)."""
+    from data import write_synthetic
+
+    manifest = write_synthetic(root, classes=10, train=384, val=160, size=32, seed=0, shard_size=48)
+    return str(manifest), str(manifest)
+
+
+def build_config(args: argparse.Namespace):
+    """Recipe + flags + overrides -> validated TrainConfig (raises ValueError before Ray starts)."""
+    from launch import recipes
+    from orchestrator.config import load_config
+
+    workers = args.workers or (2 if args.smoke else 8)
+    if args.smoke:
+        base = recipes.smoke("resnet101", size=32, classes=10)
+        base["scaling"]["gpus_per_worker"] = 0
+    else:
+        base = recipes.resnet101_asfp(workers)
+    flags = {
+        "data.train": args.data, "data.val": args.val, "storage": args.storage, "name": args.name,
+        "scaling.workers": workers, "scaling.gpus_per_worker": args.gpus_per_worker,
+        "scaling.cpus_per_worker": args.cpus_per_worker, "scaling.zero_stage": args.zero_stage,
+        "scaling.precision": args.precision, "scaling.max_failures": args.max_failures, "epochs": args.epochs,
+    }
+    if args.smoke and not args.data:
+        train, val = smoke_shards(ROOT / ".cache" / "smoke_shards")
+        flags.update({"data.train": train, "data.val": val})
+    if not args.storage:
+        flags["storage"] = str(ROOT / "runs")
+    from orchestrator.config import parse_override
+
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    overrides.update(dict(parse_override(o) for o in args.overrides))
+    cfg = load_config(base, overrides)
+    if cfg.data.train is None:
+        raise ValueError("--data is required (or use --smoke)")
+    return cfg
+
+
+def _default_env() -> None:
+    """Keep caches, wandb files and temp dirs inside the checkout unless the user chose otherwise."""
+    cache = ROOT / ".cache"
+    for key, sub in (("TORCH_EXTENSIONS_DIR", "torch_extensions"), ("WANDB_DIR", "wandb"),
+                     ("WANDB_CACHE_DIR", "wandb"), ("WANDB_CONFIG_DIR", "wandb"), ("MPLCONFIGDIR", "matplotlib"),
+                     ("TMPDIR", "tmp")):
+        if key not in os.environ:
+            (cache / sub).mkdir(parents=True, exist_ok=True)
+            os.environ[key] = str(cache / sub)
+    for key, value in (("DS_ACCELERATOR", "cpu"), ("WANDB_X_DISABLE_STATS", "true"), ("WANDB_SILENT", "true"),
+                       ("RAY_USAGE_STATS_ENABLED", "0"), ("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")):
+        os.environ.setdefault(key, value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    _default_env()
+    start = time.perf_counter()
+    try:
+        cfg = build_config(args)
+    except ValueError as exc:
+        print(f"r101_asfp: error: {exc}", file=sys.stderr)
+        return 2
+    from orchestrator.driver import run_training
+    from orchestrator.summary import print_summary
+
+    summary = run_training(cfg, num_cpus=None)
+    print_summary(summary)
+    print(f"wall time: {time.perf_counter() - start:.1f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

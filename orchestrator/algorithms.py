@@ -1,0 +1,243 @@
+"""Pruning methods as event handlers: the only place that maps a method onto the training loop.
+
+Events (called by trainer.train on every rank, in the same order):
+  on_train_start  after the run is built or restored
+  on_epoch_start  before an epoch's steps
+  on_step_end     after every optimizer step
+  on_epoch_end    after an epoch's steps, before evaluation and the checkpoint
+  on_finish       after the last epoch: finalize, compact, write the outputs
+
+`NoPruning` (method none), `SoftPruning` (sfp, asfp: soft masks at epoch ends, then finalize) and
+`HardPruning` (pfec: one hard prune, compaction mid-run, retraining of the smaller model).
+Selection (coordinator + pruning.select) is kept apart from action (apply, compact).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import TrainConfig
+from .coordinator import Coordinator, GradientFreezer
+from .evaluation import recalibrate_bn
+from .outputs import write_outputs
+
+
+class NoPruning:
+    """Dense training: the events only evaluate and write the final model."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+
+    def on_train_start(self, run) -> None:
+        _count_dense(run)
+
+    def on_epoch_start(self, run) -> None:
+        pass
+
+    def on_step_end(self, run) -> None:
+        pass
+
+    def on_epoch_end(self, run) -> None:
+        pass
+
+    def on_finish(self, run) -> None:
+        run.stage("final", run.last_eval)
+        write_outputs(run, run.model, _spec(run.model), chosen="dense")
+
+
+class Masker:
+    """Selection + action for one set of channel groups: chooses masks on rank 0 through the
+    coordinator and records each event's statistics in the run state and the logger."""
+
+    def __init__(self, cfg: TrainConfig, run, masks_state: dict | None = None):
+        from pruning import MaskSet, build_groups
+
+        p = self.p = cfg.pruning
+        groups = build_groups(run.model, policy=p.policy, include=tuple(p.include), exclude=tuple(p.exclude),
+                              preset=p.preset)
+        self.coord = Coordinator(run.model, groups, run.engine)
+        self.groups = groups
+        self.masks = MaskSet.from_state(masks_state) if masks_state is not None else None
+        if self.masks is not None:
+            self.masks.check(groups)  # a checkpoint's masks must fit this model's groups
+
+    def chooser(self, rate: float, epoch: int):
+        from pruning import score, select
+
+        p = self.p
+
+        def choose(tensors):  # runs on rank 0 only
+            scores = score(self.groups, tensors, criterion=p.criterion)
+            return select(self.groups, scores, rate, scope=p.scope, min_keep=p.min_keep, round_to=p.round_to,
+                          epoch=epoch)
+        return choose
+
+    def keep_current(self):
+        return lambda tensors: self.masks
+
+    def event(self, run, choose, hard: bool, rate: float | None) -> None:
+        """One coordinator event (collective on every rank) plus its statistics."""
+        masks, stats = self.coord.event(choose, hard=hard, zero_moments=self.p.zero_moments or hard,
+                                        previous=self.masks)
+        self.masks = masks
+        run.state.masks = masks.to_state()
+        cost = _masked_cost(run, self.groups, masks)
+        run.state.mask_history.append({
+            "epoch": run.state.epoch, "rate": rate, "hard": hard, "hash": stats["hash"],
+            "rank_hashes": stats["rank_hashes"], "churn": stats["churn"], "seconds": stats["seconds"], **cost})
+        kept = {f"prune/kept/{k}": v for k, v in stats["kept_fraction"].items()}
+        run.logger.log({"epoch": run.state.epoch, "prune/rate": rate or 0.0, "prune/churn": stats["churn"] or 0.0,
+                        "prune/coordinator_seconds": stats["seconds"], "prune/macs": cost["macs"],
+                        "prune/params": cost["params"], **kept})
+
+
+class SoftPruning(NoPruning):
+    """SFP / ASFP: soft masks at epoch ends at the schedule's rate; from the freeze epoch (or at
+    the end) finalize: hard mask, BN recalibration, frozen-mask fine-tuning, compaction."""
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__(cfg)
+        from pruning import make_schedule
+
+        self.rate = make_schedule(cfg.pruning, cfg.epochs)
+        p = cfg.pruning
+        self.frozen_from = min(p.freeze_epoch if p.freeze_epoch is not None else cfg.epochs, cfg.epochs)
+        self.masker: Masker | None = None
+        self.freezer: GradientFreezer | None = None
+
+    def on_train_start(self, run) -> None:
+        _count_dense(run)
+        self.masker = Masker(self.cfg, run, run.state.masks)  # resumed: the checkpoint's masks
+        if run.state.frozen:
+            self.freezer = GradientFreezer(run.model, self.masker.groups, self.masker.masks)
+
+    def on_epoch_start(self, run) -> None:
+        if run.state.epoch == self.frozen_from and not run.state.frozen:
+            self.finalize_masks(run)
+
+    def on_epoch_end(self, run) -> None:
+        from pruning import is_prune_epoch
+
+        epoch, m = run.state.epoch, self.masker
+        if run.state.frozen:  # re-apply the same hard masks: keeps the frozen zeros exact
+            m.event(run, m.keep_current(), hard=True, rate=None)
+        elif is_prune_epoch(self.cfg.pruning, epoch) or epoch + 1 == self.frozen_from:
+            m.event(run, m.chooser(self.rate(epoch), epoch), hard=False, rate=self.rate(epoch))
+
+    def on_finish(self, run) -> None:
+        if not run.state.frozen:
+            self.finalize_masks(run)
+        elif run.state.epoch > self.frozen_from:
+            run.stage("finetuned", run.last_eval)
+        self.compact_and_write(run)
+
+    def finalize_masks(self, run) -> None:
+        """Soft -> frozen: keep the faithful compaction of the soft model, hard mask, recalibrate
+        BN, hold the masks. Every stage is evaluated. Collective."""
+        m, cfg = self.masker, self.cfg
+        if m.masks is None:  # frozen before any soft event (freeze epoch 0): choose masks now
+            rate = self.rate(max(run.state.epoch - 1, 0))
+            m.event(run, m.chooser(rate, run.state.epoch), hard=False, rate=rate)
+        run.stage("soft", run.last_eval or run.evaluate())
+        self._faithful_candidate(run)
+        m.event(run, m.keep_current(), hard=True, rate=None)
+        run.stage("hard", run.evaluate())
+        run.train_loader.set_epoch(run.state.epoch)
+        used = recalibrate_bn(run.model, run.train_loader, cfg.data.mean, cfg.data.std,
+                              cfg.pruning.recalibrate_batches)
+        run.stage("recalibrated", dict(run.evaluate(), batches=used))
+        run.last_eval = run.state.stages["recalibrated"]
+        self.freezer = GradientFreezer(run.model, m.groups, m.masks)
+        run.state.frozen = True
+
+    def _faithful_candidate(self, run) -> None:
+        """Compact the soft-masked model in faithful mode, evaluate it, and keep it in the run's
+        carry directory (it rides in every checkpoint) for the final choice."""
+        from pruning import compact, save_compact
+
+        model, spec = compact(_cpu_copy(run.model), self.masker.groups, self.masker.masks, mode="faithful",
+                              input_size=run.input_size)
+        metrics = run.evaluate(model)
+        run.stage("compacted_faithful", metrics)
+        if run.rank == 0:  # rank-dependent: one writer
+            save_compact(run.carry / "faithful", model, spec, {"stage": "compacted_faithful", **metrics})
+
+    def compact_and_write(self, run) -> None:
+        """Hard-compact the finalized model, evaluate it, pick the mode, write the outputs."""
+        from pruning import compact, load_compact
+
+        m = self.masker
+        model, spec = compact(_cpu_copy(run.model), m.groups, m.masks, mode="hard", input_size=run.input_size)
+        run.stage("compacted_hard", run.evaluate(model))
+        mode, stages = self.cfg.pruning.compact_mode, run.state.stages
+        if mode == "best":
+            faithful = stages.get("compacted_faithful", {}).get("top1", -1.0)
+            mode = "faithful" if faithful > stages["compacted_hard"].get("top1", -1.0) else "hard"
+        if mode == "faithful" and run.rank == 0:  # rank-dependent: only rank 0 writes the outputs
+            model, spec, _ = load_compact(run.carry / "faithful")
+        write_outputs(run, model, spec, chosen=mode)
+
+
+class HardPruning(NoPruning):
+    """PFEC: at the start of `prune_epoch` one hard prune at the schedule's rate, compaction, and a
+    fresh engine for the smaller model; the remaining epochs retrain it."""
+
+    def on_train_start(self, run) -> None:
+        _count_dense(run)
+
+    def on_epoch_start(self, run) -> None:
+        from pruning import compact, make_schedule
+
+        p, state = self.cfg.pruning, run.state
+        if state.compacted or state.epoch != p.prune_epoch:
+            return
+        m = Masker(self.cfg, run)
+        rate = make_schedule(p, self.cfg.epochs)(state.epoch)
+        m.event(run, m.chooser(rate, state.epoch), hard=True, rate=rate)
+        run.stage("pruned_masked", run.evaluate())
+        model, spec = compact(_cpu_copy(run.model), m.groups, m.masks, mode="hard", input_size=run.input_size)
+        run.replace_model(model, spec)  # collective: a new DeepSpeed engine at the smaller shape
+        run.stage("compacted_before_retrain", run.evaluate())
+
+    def on_finish(self, run) -> None:
+        run.stage("compacted_hard" if run.state.compacted else "final", run.last_eval)
+        write_outputs(run, run.model, _spec(run.model), chosen="hard" if run.state.compacted else "dense")
+
+
+def make_algorithm(cfg: TrainConfig):
+    """The event handler for the configured method."""
+    method = cfg.pruning.method
+    if method in ("sfp", "asfp"):
+        return SoftPruning(cfg)
+    if method == "pfec":
+        return HardPruning(cfg)
+    return NoPruning(cfg)
+
+
+def _spec(model) -> dict:
+    from models import arch_spec
+
+    return arch_spec(model)
+
+
+def _cpu_copy(model):
+    """A float32 CPU copy with the same weights (compaction must not touch the engine's module)."""
+    import copy
+
+    return copy.deepcopy(model).float().cpu().eval()
+
+
+def _count_dense(run) -> None:
+    if run.state.dense_counts is None and not run.state.compacted:
+        from pruning import count_flops
+
+        counts = count_flops(_cpu_copy(run.model), run.input_size)
+        run.state.dense_counts = {"params": int(counts.params), "macs": int(counts.macs),
+                                  "channels": _spec(run.model).get("channels", {})}
+
+
+def _masked_cost(run, groups, masks) -> dict[str, Any]:
+    from pruning import masked_cost
+
+    counts = masked_cost(run.model, groups, masks, run.input_size)
+    return {"params": int(counts.params), "macs": int(counts.macs)}

@@ -1,0 +1,136 @@
+"""The driver: validates the config, attaches to (or starts) Ray, and runs the TorchTrainer.
+
+Under `ray job submit` the job's environment carries the cluster address and `ray.init()`
+attaches to it; run directly, a local Ray is started with its temp dir under the project's
+.cache (short path: Ray's Unix sockets must fit in 107 bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .config import TrainConfig
+
+
+def _under_ray_job() -> bool:
+    return bool(os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_ADDRESS"))
+
+
+def default_ray_temp_dir(suffix: str = "") -> str:
+    """Ray's temp dir: the checkout's .cache/ray when its path is short, else /tmp/ray_sp_<uid>.
+
+    Ray puts Unix sockets ~65 characters deep under it (session_<date>_<pid>/sockets/...), and a
+    socket path may not exceed 107 bytes, so deep checkouts fall back to a short /tmp path.
+    """
+    if os.environ.get("SOFTPRUNE_RAY_TMP"):
+        return os.environ["SOFTPRUNE_RAY_TMP"] + suffix
+    local = Path(__file__).resolve().parents[1] / ".cache" / f"ray{suffix}"
+    return str(local) if len(str(local)) <= 40 else f"/tmp/ray_sp_{os.getuid()}{suffix}"
+
+
+def ensure_ray(num_cpus: int | None = None) -> bool:
+    """Attach to a running cluster under `ray job submit` (or RAY_ADDRESS), else start a local one.
+    Returns True when this call started (or connected) Ray, so the caller shuts it down again."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    if _under_ray_job():
+        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=True)
+        return True
+    # address="local": never pick up a stale cluster file a previous `ray stop` left behind.
+    # The dashboard stays on: Ray Train's placement-group cleaner polls the state API it serves
+    # (without it the driver prints "Failed to query Ray Train Controller actor state" every few s).
+    ray.init(address="local", num_cpus=num_cpus, _temp_dir=default_ray_temp_dir(), log_to_driver=True)
+    return True
+
+
+def worker_env() -> dict[str, str]:
+    """Environment every worker gets: quiet, caches kept where the driver keeps them."""
+    keep = ("TORCH_EXTENSIONS_DIR", "WANDB_DIR", "WANDB_MODE", "WANDB_API_KEY", "WANDB_CACHE_DIR",
+            "WANDB_CONFIG_DIR", "WANDB_SILENT", "TMPDIR", "DS_ACCELERATOR", "MPLCONFIGDIR", "PYTHONPATH")
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    env.setdefault("WANDB_X_DISABLE_STATS", "true")
+    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
+    return env
+
+
+def make_trainer(cfg: TrainConfig):
+    """The TorchTrainer for `cfg` (nothing started yet)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .trainer import train_loop_per_worker
+
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_worker}
+    if s.gpus_per_worker:
+        resources["GPU"] = s.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json")},
+        scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=s.gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.name, storage_path=cfg.storage_abspath,
+            failure_config=FailureConfig(max_failures=s.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            worker_runtime_env={"env_vars": worker_env()},
+        ),
+    )
+
+
+def run_training(cfg: TrainConfig, num_cpus: int | None = None) -> dict[str, Any]:
+    """Run (or resume, if `storage/name` holds checkpoints) the training; return a summary.
+
+    The summary holds Ray's last metrics, the checkpoint path, and the final report if written.
+    """
+    _save_resolved(cfg)
+    started = ensure_ray(num_cpus)
+    try:
+        result = make_trainer(cfg).fit()  # resumes silently when storage/name already has a run
+    finally:
+        if started:  # flushes the workers' logs before the caller prints its summary
+            import ray
+
+            ray.shutdown()
+    from .outputs import output_uri
+
+    summary: dict[str, Any] = {"metrics": dict(result.metrics or {}), "output": output_uri(cfg.storage_abspath, cfg.name),
+                               "checkpoint": result.checkpoint.path if result.checkpoint else None,
+                               "run_dir": f"{cfg.storage_abspath.rstrip('/')}/{cfg.name}"}
+    report = read_report(summary["output"])
+    if report is not None:
+        summary["report"] = report
+    return summary
+
+
+def read_report(output: str) -> dict | None:
+    """report.json of a run's outputs (local path or URI), or None before the run has finished."""
+    try:
+        if "://" not in output:
+            return json.loads((Path(output) / "report.json").read_text())
+        import pyarrow.fs as pafs
+
+        fs, path = pafs.FileSystem.from_uri(f"{output.rstrip('/')}/report.json")
+        with fs.open_input_stream(path) as stream:
+            return json.loads(stream.read())
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def _save_resolved(cfg: TrainConfig) -> None:
+    """The resolved config next to the run (local storage; URIs get it via the checkpoint state)."""
+    if "://" in cfg.storage_abspath:
+        return
+    from .config import save_config
+
+    run_dir = Path(cfg.storage_abspath) / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")

@@ -1,0 +1,86 @@
+"""Evaluation with exact top-1/top-5 over ranks, BN buffer sync, and BN recalibration."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def to_input(images: torch.Tensor, mean, std, like: nn.Module) -> torch.Tensor:
+    """uint8 batch -> normalised float batch on the model's device and dtype."""
+    from data import normalize
+
+    p = next(like.parameters())
+    return normalize(images.to(p.device), mean, std).to(p.dtype)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, mean, std) -> dict[str, float]:
+    """Top-1/top-5/loss over the whole validation set. Exact across ranks: the counts are summed
+    with one all-reduce (sync point), and padded samples (valid=False) are not counted."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64)  # correct@1, correct@5, count, loss sum
+    for images, labels, valid in loader:
+        logits = model(to_input(images, mean, std, model)).float().cpu()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hit = top == labels[:, None]
+        v = valid.bool()
+        totals[0] += hit[:, :1].any(1)[v].sum()
+        totals[1] += hit.any(1)[v].sum()
+        totals[2] += v.sum()
+        totals[3] += nn.functional.cross_entropy(logits[v], labels[v], reduction="sum").item() if v.any() else 0.0
+    if _dist():
+        dist.all_reduce(totals)  # sync point: every rank evaluates its share
+    model.train(was_training)
+    n = max(totals[2].item(), 1.0)
+    return {"top1": totals[0].item() / n, "top5": totals[1].item() / n, "loss": totals[3].item() / n,
+            "samples": int(totals[2].item())}
+
+
+@torch.no_grad()
+def sync_bn_buffers(model: nn.Module) -> None:
+    """Average BN running statistics over ranks so every rank (and the saved model) agrees.
+    Sync point: one all-reduce per buffer; cheap next to a training step."""
+    if not _dist():
+        return
+    world = dist.get_world_size()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            for buf in (module.running_mean, module.running_var):
+                flat = buf.detach().float().cpu()
+                dist.all_reduce(flat)
+                buf.copy_((flat / world).to(buf.dtype))
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches, mean, std, limit: int) -> int:
+    """Re-estimate BN running statistics with the current (masked) weights on training batches.
+
+    Statistics are reset and accumulated as a plain average (momentum None), then averaged over
+    ranks. Returns the number of batches used on this rank.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    was_training = model.training
+    model.train()
+    used = 0
+    for item in batches:
+        if used >= limit:
+            break
+        model(to_input(item[0], mean, std, model))
+        used += 1
+    for m, momentum in zip(bns, saved):
+        m.momentum = momentum
+    model.train(was_training)
+    sync_bn_buffers(model)
+    return used

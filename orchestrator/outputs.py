@@ -1,0 +1,91 @@
+"""The run's deliverables: `model.safetensors` + `arch.json` + `report.json` in `<storage>/<name>/final`.
+
+Rank 0 writes them into a local staging directory and then publishes the directory in one step
+(a rename on a local filesystem, report.json uploaded last for a URI), so readers see either the
+previous outputs or the new ones.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+
+def output_uri(storage: str, name: str) -> str:
+    return f"{storage.rstrip('/')}/{name}/final"
+
+
+def build_report(run, model, spec: dict, chosen: str) -> dict[str, Any]:
+    """Everything the run should tell a reader: sizes, every stage's accuracy, per-layer channels."""
+    from pruning import count_flops
+
+    counts = count_flops(model, run.input_size)
+    dense = run.state.dense_counts or {}
+    dense_channels = dense.get("channels", {})
+    kept = spec.get("channels", {})
+    return {
+        "name": run.cfg.name,
+        "model": run.cfg.model.name,
+        "method": run.cfg.pruning.method,
+        "compact_mode": chosen,
+        "input_size": run.input_size,
+        "dense": {"params": dense.get("params"), "macs": dense.get("macs")},
+        "pruned": {"params": int(counts.params), "macs": int(counts.macs)},
+        "stages": run.state.stages,
+        "per_layer": {layer: {"dense": c, "kept": kept.get(layer, c)} for layer, c in dense_channels.items()},
+        "epochs": {"trained": run.state.epoch, "configured": run.cfg.epochs,
+                   "finetune": run.cfg.pruning.finetune_epochs},
+        "resumed_from": run.state.resumed_from,
+        "mask_history": run.state.mask_history,
+        "history": run.state.history,
+        "wandb_run_id": run.state.wandb_run_id,
+        "wandb_run_dir": str(Path(run.logger.run_dir).parent) if run.logger.run_dir else None,
+        "written_at": time.time(),
+    }
+
+
+def write_outputs(run, model, spec: dict, chosen: str) -> str:
+    """Every rank calls it (a barrier keeps them together); rank 0 builds and publishes the outputs."""
+    target = output_uri(run.cfg.storage_abspath, run.cfg.name)
+    if run.rank == 0:  # rank-dependent: one writer
+        from pruning import save_compact
+
+        model = model.float().cpu().eval()
+        report = build_report(run, model, spec, chosen)
+        staging = Path(tempfile.mkdtemp(prefix="sp_final_", dir=run.work))
+        save_compact(staging, model, spec, report)
+        _publish(staging, target)
+        run.report = report
+        run.logger.summary({"final/compact_mode": chosen, **{f"final/{k}": v for k, v in report["pruned"].items()}})
+        run.logger.kept_channels_chart({k: v["dense"] for k, v in report["per_layer"].items()},
+                                       {k: v["kept"] for k, v in report["per_layer"].items()})
+        print(f"[softprune] outputs written to {target} (compact mode: {chosen})", flush=True)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # sync point: nobody leaves before the outputs exist
+    return target
+
+
+def _publish(staging: Path, target: str) -> None:
+    if "://" not in target:
+        dest = Path(target)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        old = dest.with_name(f".final-old-{os.getpid()}")
+        if dest.exists():
+            os.replace(dest, old)
+        shutil.copytree(staging, dest.with_name(".final-new"), dirs_exist_ok=True)
+        os.replace(dest.with_name(".final-new"), dest)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(target)
+    fs.create_dir(path, recursive=True)
+    names = sorted(p.name for p in staging.iterdir())
+    for name in [n for n in names if n != "report.json"] + ["report.json"]:  # report.json last
+        pafs.copy_files(str(staging / name), f"{path}/{name}", destination_filesystem=fs)

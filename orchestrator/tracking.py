@@ -1,0 +1,147 @@
+"""Experiment tracking: wandb on rank 0, a do-nothing logger on every other rank.
+
+Call sites never test the rank: they call `logger.log(...)` and the no-op swallows it. wandb
+runs offline unless the user is logged in (or asks for online), and `WANDB_MODE` in the
+environment always wins. The run id lives in the checkpoint so a resumed run continues the
+same wandb run (`resume="allow"`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .config import TrackingConfig
+
+
+class NullLogger:
+    """What non-zero ranks (and runs with tracking off) get."""
+
+    run_id: str | None = None
+    run_dir: str | None = None
+    step_fn = staticmethod(lambda: None)  # the run's global step; set by the owner
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        pass
+
+    def summary(self, values: dict[str, Any]) -> None:
+        pass
+
+    def kept_channels_chart(self, dense: dict[str, int], kept: dict[str, int]) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+def _logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        import wandb
+
+        return bool(wandb.api.api_key)
+    except Exception:  # no netrc, no settings file: not logged in
+        return False
+
+
+def resolve_mode(cfg: TrackingConfig) -> str:
+    """online / offline / disabled, with WANDB_MODE taking precedence over the config."""
+    env = os.environ.get("WANDB_MODE")
+    if env:
+        return {"dryrun": "offline", "run": "online"}.get(env, env)
+    if not cfg.wandb or cfg.mode == "disabled":
+        return "disabled"
+    if cfg.mode == "auto":
+        return "online" if _logged_in() else "offline"
+    return cfg.mode
+
+
+class WandbLogger(NullLogger):
+    """Rank 0's logger: one wandb run per training run, resumed under its stored id."""
+
+    def __init__(self, cfg: TrackingConfig, name: str, config: dict, run_id: str | None, directory: str | None):
+        import wandb
+
+        os.environ.setdefault("WANDB_X_DISABLE_STATS", "true")  # no system monitor writing to ~/.cache
+        self._wandb = wandb
+        kwargs = dict(project=cfg.project, entity=cfg.entity, name=name, resume="allow", config=config,
+                      tags=cfg.tags, mode=resolve_mode(cfg), dir=directory, reinit="finish_previous")
+        self.run = _init_with_retry(wandb, run_id, kwargs)
+        self.run_id = self.run.id
+        self.run_dir = getattr(self.run, "dir", None)
+        self.run.define_metric("epoch")
+        for prefix in ("val/*", "prune/*", "epoch/*", "stage/*"):
+            self.run.define_metric(prefix, step_metric="epoch")
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        # one step axis for every call (the optimizer step), so wandb never sees a step go back
+        self.run.log(metrics, step=step if step is not None else self.step_fn())
+
+    def summary(self, values: dict[str, Any]) -> None:
+        for key, value in values.items():
+            self.run.summary[key] = value
+
+    def kept_channels_chart(self, dense: dict[str, int], kept: dict[str, int]) -> None:
+        """Per-layer kept channels: a wandb table + bar chart, and a matplotlib PNG for offline runs."""
+        rows = [[layer, dense[layer], kept.get(layer, dense[layer])] for layer in dense]
+        table = self._wandb.Table(data=rows, columns=["layer", "dense", "kept"])
+        self.run.log({"final/kept_channels": self._wandb.plot.bar(table, "layer", "kept", title="kept channels per layer")})
+        self.run.log({"final/kept_channels_table": table})
+        png = _chart_png(rows, self.run_dir)
+        if png:
+            self.run.log({"final/kept_channels_png": self._wandb.Image(png)})
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+def _init_with_retry(wandb, run_id: str | None, kwargs: dict, attempts: int = 15, wait_s: float = 2.0):
+    """`wandb.init` under the stored id (None: wandb makes one; it goes into the checkpoint).
+
+    After a worker-group restart the killed group's wandb service can hold the id for a few
+    seconds ("run ID ... is in use"), so the init is retried; if the id stays taken, a new run is
+    started rather than failing the training (tracking must never stop a run).
+    """
+    import time
+
+    for attempt in range(attempts):
+        try:
+            return wandb.init(id=run_id, **kwargs)
+        except Exception as exc:  # wandb raises several private error types for this
+            if run_id is None or attempt == attempts - 1:
+                last = exc
+                break
+            time.sleep(wait_s)
+    print(f"[softprune] wandb run {run_id} unavailable ({last}); logging to a new run", flush=True)
+    return wandb.init(id=None, **kwargs)
+
+
+def _chart_png(rows: list[list], directory: str | None) -> str | None:
+    if not directory:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.18), 3.5))
+    xs = range(len(rows))
+    ax.bar(xs, [r[1] for r in rows], color="#ddd", label="dense")
+    ax.bar(xs, [r[2] for r in rows], color="#3a7", label="kept")
+    ax.set_xticks(list(xs), [r[0] for r in rows], rotation=90, fontsize=5)
+    ax.set_ylabel("channels")
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(directory, "kept_channels.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def make_logger(cfg: TrackingConfig, rank: int, name: str, config: dict, run_id: str | None,
+                directory: str | None = None) -> NullLogger:
+    """wandb on rank 0 when tracking is on, the no-op logger everywhere else."""
+    if rank != 0 or resolve_mode(cfg) == "disabled":
+        return NullLogger()
+    return WandbLogger(cfg, name, config, run_id, directory)

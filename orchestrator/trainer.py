@@ -1,0 +1,99 @@
+"""The per-worker training loop that Ray Train runs on every rank.
+
+It reads top to bottom: set up (or restore) the run, then per epoch: events, train steps,
+events, evaluate, checkpoint; then the finish event. Pruning enters only through the algorithm's
+events; the loop never knows which method is running.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+
+from .algorithms import make_algorithm
+from .config import TrainConfig
+from .engine import init_distributed, lr_at, set_lr
+from .evaluation import to_input
+from .worker import Run
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Entry point for `TorchTrainer`: `loop_config["config"]` is the resolved TrainConfig."""
+    import ray.train
+
+    cfg = TrainConfig.model_validate(loop_config["config"])
+    setup_worker(cfg)
+    run = Run(cfg, report_fn=ray.train.report, get_checkpoint_fn=ray.train.get_checkpoint)
+    try:
+        train(run)
+    finally:
+        run.close()
+
+
+def setup_worker(cfg: TrainConfig) -> None:
+    """Threads, the distributed backend (adopting Ray's gloo/nccl group), seeds."""
+    for key in ("TMPDIR", "WANDB_DIR", "TORCH_EXTENSIONS_DIR"):  # driver paths may not exist on this node
+        if os.environ.get(key):
+            os.makedirs(os.environ[key], exist_ok=True)
+    # Own wandb service per worker: an inherited one (a driver that used wandb) outlives a killed
+    # rank 0 and keeps its run "in use" when the restarted group resumes it.
+    os.environ.pop("WANDB_SERVICE", None)
+    torch.set_num_threads(cfg.scaling.threads_per_worker or max(1, int(cfg.scaling.cpus_per_worker)))
+    init_distributed()
+    torch.manual_seed(cfg.seed)  # same init on every rank; DeepSpeed also broadcasts rank 0's weights
+
+
+def train(run: Run) -> None:
+    """The loop. Every rank runs the same sequence of collectives."""
+    cfg, state = run.cfg, run.state
+    if state.finished:
+        return
+    algo = make_algorithm(cfg)
+    algo.on_train_start(run)
+    while state.epoch < cfg.total_epochs:
+        algo.on_epoch_start(run)
+        epoch_metrics = train_epoch(run, algo)
+        algo.on_epoch_end(run)
+        run.last_eval = run.evaluate()  # sync point (all-reduce of the counts)
+        state.history.append(dict(epoch=state.epoch, **epoch_metrics, **{f"val_{k}": v for k, v in run.last_eval.items()}))
+        run.logger.log({"epoch": state.epoch, **{f"epoch/{k}": v for k, v in epoch_metrics.items()},
+                        **{f"val/{k}": v for k, v in run.last_eval.items()}})
+        state.epoch, state.step = state.epoch + 1, 0
+        run.checkpoint({**epoch_metrics, **{f"val_{k}": v for k, v in run.last_eval.items()}})  # sync point
+        if cfg.stop_after_epoch is not None and state.epoch > cfg.stop_after_epoch:
+            return  # a planned stop; the same command resumes at the next epoch
+    algo.on_finish(run)
+    state.finished = True
+    run.checkpoint({"finished": 1})  # sync point; marks the run done for a re-launch
+
+
+def train_epoch(run: Run, algo) -> dict[str, float]:
+    """One pass over this rank's training shards (resuming mid-epoch after a restart)."""
+    cfg, state, engine = run.cfg, run.state, run.engine
+    loader = run.train_loader
+    loader.set_epoch(state.epoch)
+    steps = len(loader)  # equal on every rank: the loader guarantees it
+    engine.train()
+    start, seen, loss_sum, done = time.perf_counter(), 0, 0.0, 0
+    for images, labels in loader:  # resumes from the restored position within the epoch
+        engine = run.engine  # an event may have swapped the engine (compaction)
+        set_lr(engine, lr_at(state.epoch + state.step / max(steps, 1), cfg))
+        logits = engine(to_input(images, cfg.data.mean, cfg.data.std, engine.module))
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels.to(logits.device))
+        engine.backward(loss)  # sync point: gradient all-reduce / reduce-scatter
+        engine.step()
+        state.step, state.global_step = state.step + 1, state.global_step + 1
+        seen, loss_sum, done = seen + images.shape[0], loss_sum + loss.item(), done + 1
+        algo.on_step_end(run)
+        if state.global_step % cfg.tracking.log_every == 0:
+            run.logger.log({"train/loss": loss.item(), "train/lr": engine.optimizer.param_groups[0]["lr"],
+                            "epoch": state.epoch + state.step / steps}, step=state.global_step)
+        if cfg.checkpoint.every_steps and state.global_step % cfg.checkpoint.every_steps == 0 and state.step < steps:
+            run.checkpoint({"train_loss": loss.item()})  # sync point: every rank reaches the same step
+    elapsed = time.perf_counter() - start
+    return {"train_loss": loss_sum / max(done, 1), "epoch_seconds": elapsed,
+            "img_per_s": seen * run.world / max(elapsed, 1e-9), "step_seconds": elapsed / max(done, 1),
+            "lr": run.engine.optimizer.param_groups[0]["lr"]}

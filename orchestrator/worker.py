@@ -1,0 +1,182 @@
+"""`Run`: what one Ray Train worker holds (model, engine, loaders, state, logger) and the
+operations the loop and the pruning algorithms call on it (evaluate, checkpoint, replace the model).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .engine import build_engine
+from .evaluation import evaluate, sync_bn_buffers
+from .tracking import NullLogger, make_logger
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def num_classes(cfg: TrainConfig) -> int | None:
+    """model.num_classes, else the class count of a local manifest, else the model's default."""
+    if cfg.model.num_classes:
+        return cfg.model.num_classes
+    try:
+        from data.manifest import load_manifest
+
+        return len(load_manifest(str(cfg.data.train).split("#")[0])["classes"])
+    except Exception:  # remote or brace-expanded sources carry no class list: use the default
+        return None
+
+
+def zero_init_residual(model: nn.Module) -> None:
+    """Zero the BN scale after each residual block's last conv, so every block starts as the
+    identity (Goyal et al.): a from-scratch ResNet-101 then learns within a few hundred steps."""
+    meta, modules = model.softprune_meta, dict(model.named_modules())
+    for block in meta.blocks:
+        nn.init.zeros_(modules[meta.bn[block.convs[-1]]].weight)
+
+
+def build_model(cfg: TrainConfig, spec: dict | None) -> nn.Module:
+    """The dense model from the registry, or the compacted one rebuilt from its spec."""
+    from models import build_from_spec, create_model
+
+    if spec is not None:
+        return build_from_spec(spec)
+    model = create_model(cfg.model.name, num_classes(cfg))
+    if cfg.model.zero_init_residual:
+        zero_init_residual(model)
+    if cfg.model.pretrained:
+        model.load_state_dict(torch.load(cfg.model.pretrained, map_location="cpu", weights_only=True))
+    return model
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 over the model's state dict (names, fp32 values) in key order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        h.update(name.encode())
+        h.update(value.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class Run:
+    """One worker's view of the training run."""
+
+    def __init__(self, cfg: TrainConfig, report_fn=None, get_checkpoint_fn=None):
+        self.cfg = cfg
+        self._report = report_fn
+        self.rank, self.world = _rank_world()
+        self.state = ckpt.RunState(world_size=self.world, config=cfg.model_dump(mode="json"))
+        self.work = Path(tempfile.mkdtemp(prefix=f"sp_run_r{self.rank}_"))
+        self.carry = self.work / "carry"  # rank 0's files that ride along in every checkpoint
+        self.carry.mkdir()
+        self.logger: NullLogger = NullLogger()
+        self.engine = None
+        self.loader_position: dict | None = None
+        self.last_eval: dict[str, float] = {}
+        self.input_size = cfg.data.image_size
+        self.report: dict | None = None  # report.json content once the outputs are written (rank 0)
+        self._restore(get_checkpoint_fn() if get_checkpoint_fn else None)
+        self.train_loader, self.val_loader = self._loaders()
+        if not self.state.finished:  # a re-launched finished run only reports; no new wandb session
+            self.logger = make_logger(cfg.tracking, self.rank, cfg.name, self.state.config,
+                                      self.state.wandb_run_id, os.environ.get("WANDB_DIR"))
+        self.logger.step_fn = lambda: self.state.global_step
+        self.state.wandb_run_id = self.logger.run_id or self.state.wandb_run_id
+
+    # -- setup and restore -----------------------------------------------------------------
+    def _restore(self, checkpoint) -> None:
+        """Fresh model and engine, or the checkpoint's (at its recorded shape). Collective."""
+        if checkpoint is None:
+            self._set_model(build_model(self.cfg, None))
+            return
+        with checkpoint.as_directory() as d:
+            saved = ckpt.read_state(d)
+            if saved.world_size != self.world:
+                raise ValueError(f"checkpoint was written by {saved.world_size} workers, this run has "
+                                 f"{self.world}; ZeRO checkpoints need the same world size")
+            self.state = saved
+            self.state.config = self.cfg.model_dump(mode="json")
+            self._set_model(build_model(self.cfg, saved.arch_spec))  # compacted shape before loading
+            ckpt.restore_engine(self.engine, d)  # sync point
+            self.loader_position = ckpt.restore_rank(d, self.rank)
+            if self.rank == 0:
+                ckpt.restore_carry(d, self.carry)
+        # what was loaded, so a reader (and the resume test) can check it is what was saved
+        self.state.resumed_from.append({"epoch": saved.epoch, "step": saved.step, "time": time.time(),
+                                        "weights_sha256": weights_digest(self.model),
+                                        "wandb_run_id": saved.wandb_run_id})
+
+    def _set_model(self, model: nn.Module) -> None:
+        self.engine = build_engine(model, self.cfg, self.world)  # collective: DeepSpeed init
+
+    def _loaders(self):
+        from data import make_train_loader, make_val_loader
+
+        train = make_train_loader(self.cfg.data, self.rank, self.world)
+        val = make_val_loader(self.cfg.data, self.rank, self.world) if self.cfg.data.val else None
+        if self.loader_position is not None:
+            train.load_state_dict(self.loader_position)
+        return train, val
+
+    @property
+    def model(self) -> nn.Module:
+        return self.engine.module
+
+    def replace_model(self, model: nn.Module, spec: dict) -> None:
+        """Swap in a compacted model: a fresh engine (DeepSpeed cannot load across shapes).
+        Collective on every rank."""
+        if hasattr(self.engine, "destroy"):
+            self.engine.destroy()  # frees DeepSpeed's hooks and buffers of the old shape
+        self._set_model(model)
+        self.state.compacted, self.state.arch_spec = True, spec
+
+    # -- evaluation and logging ------------------------------------------------------------
+    def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
+        """Exact top-1/top-5 of `model` (default: the training model) over the whole val set."""
+        if self.val_loader is None:
+            return {}
+        model = model if model is not None else self.model
+        sync_bn_buffers(model)  # sync point: ranks must evaluate (and save) one model
+        return evaluate(model, self.val_loader, self.cfg.data.mean, self.cfg.data.std)
+
+    def stage(self, name: str, metrics: dict[str, Any]) -> None:
+        """Record an evaluation stage (soft, hard, recalibrated, ...) for report.json and wandb."""
+        self.state.stages[name] = dict(metrics, epoch=self.state.epoch)
+        self.logger.log({f"stage/{name}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        if self.rank == 0 and metrics:
+            print(f"[softprune] stage {name}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                                                         if isinstance(v, float)), flush=True)
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def checkpoint(self, metrics: dict[str, Any]) -> None:
+        """Report metrics and a full checkpoint to Ray. Every rank calls it (Ray's report is a
+        barrier and DeepSpeed's save is collective)."""
+        local = ckpt.save(self.engine, self.state, self.rank, self.train_loader.state_dict(), self.carry,
+                          root=str(self.work))
+        try:
+            if self._report is not None:
+                from ray.train import Checkpoint
+
+                self._report(dict(metrics, epoch=self.state.epoch, step=self.state.global_step),
+                             checkpoint=Checkpoint.from_directory(str(local)))  # sync point
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+
+    def close(self) -> None:
+        self.logger.finish()
+        shutil.rmtree(self.work, ignore_errors=True)

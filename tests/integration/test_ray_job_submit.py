@@ -1,0 +1,63 @@
+"""The cluster path once: `ray start --head`, `ray job submit --working-dir . -- python
+launch/r101_asfp.py ...`, then `ray stop`. The launch script runs as a job driver on the cluster
+(attaching to it instead of starting a local Ray), with a tiny model so the test stays short."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+ROOT = Path(__file__).resolve().parents[2]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", WANDB_MODE="offline")
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    return env
+
+
+def test_ray_start_job_submit_stop(tmp_path):
+    from data import write_synthetic
+
+    manifest = write_synthetic(tmp_path / "shards", classes=4, train=64, val=32, size=16, shard_size=16)
+    storage = tmp_path / "runs"
+    port, dash = _free_port(), _free_port()
+    from orchestrator.driver import default_ray_temp_dir
+
+    temp = default_ray_temp_dir("_j")  # short: Ray's socket paths are length-limited
+    env = _env()
+    subprocess.run([RAY, "start", "--head", "--num-cpus", "2", "--port", str(port), "--dashboard-host",
+                    "127.0.0.1", "--dashboard-port", str(dash), "--temp-dir", temp, "--disable-usage-stats"],
+                   check=True, env=env, capture_output=True, timeout=180)
+    try:
+        job = subprocess.run(
+            [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT), "--",
+             sys.executable, "launch/r101_asfp.py", "--smoke", "--data", str(manifest), "--val", str(manifest),
+             "--storage", str(storage), "--name", "job", "model.name=resnet20", "model.num_classes=4",
+             "data.image_size=16", "epochs=2", "pruning.finetune_epochs=0", "pruning.recalibrate_batches=1"],
+            env=env, capture_output=True, text=True, timeout=480)
+        assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
+        assert "succeeded" in (job.stdout + job.stderr).lower()
+        assert "softprune summary" in job.stdout
+    finally:
+        for _ in range(2):  # a first `ray stop` can leave processes behind (STACK.md)
+            subprocess.run([RAY, "stop"], env=env, capture_output=True, timeout=120)
+    report = json.loads((storage / "job" / "final" / "report.json").read_text())
+    assert report["epochs"]["trained"] == 2 and report["model"] == "resnet20"
+    assert report["pruned"]["params"] < report["dense"]["params"]
+    assert (storage / "job" / "final" / "model.safetensors").is_file()
