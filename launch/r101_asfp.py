@@ -89,7 +89,9 @@ def _default_env() -> None:
         if key not in os.environ:
             (cache / sub).mkdir(parents=True, exist_ok=True)
             os.environ[key] = str(cache / sub)
-    for key, value in (("DS_ACCELERATOR", "cpu"), ("WANDB_X_DISABLE_STATS", "true"), ("WANDB_SILENT", "true"),
+    # DS_ACCELERATOR is left to each worker (orchestrator.engine): the driver may run on a CPU-only
+    # head node while the workers have GPUs.
+    for key, value in (("WANDB_X_DISABLE_STATS", "true"), ("WANDB_SILENT", "true"),
                        ("RAY_USAGE_STATS_ENABLED", "0"), ("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")):
         os.environ.setdefault(key, value)
 

@@ -46,6 +46,8 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     # address="local": never pick up a stale cluster file a previous `ray stop` left behind.
     # The dashboard stays on: Ray Train's placement-group cleaner polls the state API it serves
     # (without it the driver prints "Failed to query Ray Train Controller actor state" every few s).
+    # A local cluster listens on loopback only; token auth would just write ~/.ray/auth_token.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address="local", num_cpus=num_cpus, _temp_dir=default_ray_temp_dir(), log_to_driver=True)
     return True
 
@@ -55,7 +57,6 @@ def worker_env() -> dict[str, str]:
     keep = ("TORCH_EXTENSIONS_DIR", "WANDB_DIR", "WANDB_MODE", "WANDB_API_KEY", "WANDB_CACHE_DIR",
             "WANDB_CONFIG_DIR", "WANDB_SILENT", "TMPDIR", "DS_ACCELERATOR", "MPLCONFIGDIR", "PYTHONPATH")
     env = {k: os.environ[k] for k in keep if k in os.environ}
-    env.setdefault("DS_ACCELERATOR", "cpu")
     env.setdefault("WANDB_X_DISABLE_STATS", "true")
     env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
     return env

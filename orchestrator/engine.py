@@ -60,11 +60,13 @@ def set_lr(engine, lr: float) -> None:
 
 
 def _quiet_deepspeed() -> None:
+    # Decided on the worker itself (before DeepSpeed picks its accelerator at import): the driver
+    # that launched it may have no GPU while this node has.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     import deepspeed.ops
 
     # The shm comm op only serves inference all-reduce; skipping it saves a 35-40 s JIT build.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
 
 
 def init_distributed() -> None:
