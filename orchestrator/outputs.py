@@ -56,10 +56,13 @@ def write_outputs(run, model, spec: dict, chosen: str) -> str:
     if run.rank == 0:  # rank-dependent: one writer
         from pruning import save_compact
 
+        from .plots import write_run_plots
+
         model = model.float().cpu().eval()
         report = build_report(run, model, spec, chosen)
         staging = Path(tempfile.mkdtemp(prefix="sp_final_", dir=run.work))
         save_compact(staging, model, spec, report)
+        write_run_plots(report, run.cfg.pruning, run.cfg.epochs, staging)
         _publish(staging, target)
         run.report = report
         run.logger.summary({"final/compact_mode": chosen, **{f"final/{k}": v for k, v in report["pruned"].items()}})

@@ -88,9 +88,11 @@ class WandbLogger(NullLogger):
         table = self._wandb.Table(data=rows, columns=["layer", "dense", "kept"])
         self.run.log({"final/kept_channels": self._wandb.plot.bar(table, "layer", "kept", title="kept channels per layer")})
         self.run.log({"final/kept_channels_table": table})
-        png = _chart_png(rows, self.run_dir)
-        if png:
-            self.run.log({"final/kept_channels_png": self._wandb.Image(png)})
+        if self.run_dir:
+            from .plots import kept_channels_png
+
+            png = kept_channels_png(rows, self.run_dir)
+            self.run.log({"final/kept_channels_png": self._wandb.Image(str(png))})
 
     def finish(self) -> None:
         self.run.finish()
@@ -115,28 +117,6 @@ def _init_with_retry(wandb, run_id: str | None, kwargs: dict, attempts: int = 15
             time.sleep(wait_s)
     print(f"[softprune] wandb run {run_id} unavailable ({last}); logging to a new run", flush=True)
     return wandb.init(id=None, **kwargs)
-
-
-def _chart_png(rows: list[list], directory: str | None) -> str | None:
-    if not directory:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.18), 3.5))
-    xs = range(len(rows))
-    ax.bar(xs, [r[1] for r in rows], color="#ddd", label="dense")
-    ax.bar(xs, [r[2] for r in rows], color="#3a7", label="kept")
-    ax.set_xticks(list(xs), [r[0] for r in rows], rotation=90, fontsize=5)
-    ax.set_ylabel("channels")
-    ax.legend()
-    fig.tight_layout()
-    path = os.path.join(directory, "kept_channels.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def make_logger(cfg: TrackingConfig, rank: int, name: str, config: dict, run_id: str | None,

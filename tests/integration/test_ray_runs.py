@@ -94,6 +94,8 @@ def test_asfp_stop_resume_finalize_compact(ray_cluster, shards, tmp_path):
     for name in ("soft", "compacted_faithful", "hard", "recalibrated", "finetuned", "compacted_hard"):
         assert name in stages, name
     model, spec, shipped = load_compact(second["output"])
+    for png in ("kept_channels.png", "schedule.png", "accuracy_vs_macs.png"):  # published with the model
+        assert (Path(second["output"]) / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     assert report["pruned"]["params"] < report["dense"]["params"]
     final_masked, final_state = load_model(find_checkpoints(tmp_path / "asfp")[-1])
     assert final_state.finished
