@@ -106,7 +106,7 @@ def plan_train(urls: list[str], counts: list[int], rank: int, world_size: int, n
     order = shard_order(len(urls), seed, epoch)
     urls, counts = [urls[i] for i in order], [counts[i] for i in order]
     per_rank = sum(counts) // world_size
-    batches = per_rank // batch_size
+    batches = train_batches(sum(counts), world_size, batch_size)
     lo = rank * per_rank
     return _split_workers(urls, counts, lo, lo + batches * batch_size, batches, num_workers, batch_size)
 

@@ -7,7 +7,6 @@ import json
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import braceexpand
 
@@ -119,6 +118,3 @@ def resolve_source(source: str, default_split: str, check: bool = True) -> Shard
         check_urls(shards.urls, f"{source} ({split})")
     return shards
 
-
-def manifest_path_of(out_dir: str | Path) -> Path:
-    return Path(out_dir) / MANIFEST_NAME

@@ -182,9 +182,6 @@ class HardPruning(NoPruning):
     """PFEC: at the start of `prune_epoch` one hard prune at the schedule's rate, compaction, and a
     fresh engine for the smaller model; the remaining epochs retrain it."""
 
-    def on_train_start(self, run) -> None:
-        _count_dense(run)
-
     def on_epoch_start(self, run) -> None:
         from pruning import compact, make_schedule
 

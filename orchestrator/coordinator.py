@@ -29,7 +29,8 @@ class MaskMismatchError(RuntimeError):
     """Ranks disagree on the masks after the broadcast."""
 
 
-def _world() -> tuple[int, int]:
+def rank_world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside a process group."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -37,7 +38,7 @@ def _world() -> tuple[int, int]:
 
 def broadcast_bytes(payload: bytes | None, src: int = 0) -> bytes:
     """Send `payload` from `src` to every rank as a uint8 tensor (length first). Sync point."""
-    rank, world = _world()
+    rank, world = rank_world()
     if world == 1:
         assert payload is not None
         return payload
@@ -50,7 +51,7 @@ def broadcast_bytes(payload: bytes | None, src: int = 0) -> bytes:
 
 def check_same_hash(local_hash: str) -> list[str]:
     """All-gather every rank's mask hash; raise naming the ranks that differ from rank 0. Sync point."""
-    rank, world = _world()
+    rank, world = rank_world()
     if world == 1:
         return [local_hash]
     hashes: list[Any] = [None] * world
@@ -74,7 +75,6 @@ class Coordinator:
         self.names = list(groups.param_names())
         self._params = dict(model.named_parameters())
         self._buffers = dict(model.named_buffers())
-        self.last_seconds = 0.0
 
     # -- step 1: full fp32 tensors ------------------------------------------------------
     def full_tensors(self) -> dict[str, torch.Tensor]:
@@ -99,7 +99,7 @@ class Coordinator:
         """
         from pruning import MaskSet
 
-        rank, _ = _world()
+        rank, _ = rank_world()
         tensors = self.full_tensors()
         packed = choose(tensors).pack() if rank == 0 else None  # rank-dependent: only rank 0 scores
         data = broadcast_bytes(packed)  # sync point
@@ -187,13 +187,13 @@ class Coordinator:
         start = time.perf_counter()
         masks, tensors, hashes = self.decide(choose)
         self.apply(masks, tensors, hard=hard, zero_moments=zero_moments)
-        self.last_seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start
         stats = {
-            "hash": masks.hash(),
+            "hash": hashes[0],  # every rank's hash equals rank 0's: decide() checked it
             "rank_hashes": hashes,
             "kept_fraction": {str(k): float(v) for k, v in masks.kept_fraction().items()},
             "churn": float(masks.churn(previous)) if previous is not None else None,
-            "seconds": self.last_seconds,
+            "seconds": seconds,
         }
         return masks, stats
 

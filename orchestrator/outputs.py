@@ -66,8 +66,10 @@ def write_outputs(run, model, spec: dict, chosen: str) -> str:
         _publish(staging, target)
         run.report = report
         run.logger.summary({"final/compact_mode": chosen, **{f"final/{k}": v for k, v in report["pruned"].items()}})
+        drawn = staging / "kept_channels.png"  # write_run_plots drew it; staging outlives _publish
         run.logger.kept_channels_chart({k: v["dense"] for k, v in report["per_layer"].items()},
-                                       {k: v["kept"] for k, v in report["per_layer"].items()})
+                                       {k: v["kept"] for k, v in report["per_layer"].items()},
+                                       png=drawn if drawn.exists() else None)
         print(f"[softprune] outputs written to {target} (compact mode: {chosen})", flush=True)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # sync point: nobody leaves before the outputs exist

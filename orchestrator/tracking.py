@@ -27,7 +27,7 @@ class NullLogger:
     def summary(self, values: dict[str, Any]) -> None:
         pass
 
-    def kept_channels_chart(self, dense: dict[str, int], kept: dict[str, int]) -> None:
+    def kept_channels_chart(self, dense: dict[str, int], kept: dict[str, int], png=None) -> None:
         pass
 
     def finish(self) -> None:
@@ -82,16 +82,18 @@ class WandbLogger(NullLogger):
         for key, value in values.items():
             self.run.summary[key] = value
 
-    def kept_channels_chart(self, dense: dict[str, int], kept: dict[str, int]) -> None:
-        """Per-layer kept channels: a wandb table + bar chart, and a matplotlib PNG for offline runs."""
+    def kept_channels_chart(self, dense: dict[str, int], kept: dict[str, int], png=None) -> None:
+        """Per-layer kept channels: a wandb table + bar chart, and a matplotlib PNG for offline runs
+        (`png`, when the run already drew one, else drawn here)."""
         rows = [[layer, dense[layer], kept.get(layer, dense[layer])] for layer in dense]
         table = self._wandb.Table(data=rows, columns=["layer", "dense", "kept"])
         self.run.log({"final/kept_channels": self._wandb.plot.bar(table, "layer", "kept", title="kept channels per layer")})
         self.run.log({"final/kept_channels_table": table})
-        if self.run_dir:
+        if png is None and self.run_dir:
             from .plots import kept_channels_png
 
             png = kept_channels_png(rows, self.run_dir)
+        if png is not None:
             self.run.log({"final/kept_channels_png": self._wandb.Image(str(png))})
 
     def finish(self) -> None:

@@ -77,7 +77,8 @@ def train_epoch(run: Run, algo) -> dict[str, float]:
     loader.set_epoch(state.epoch)
     steps = len(loader)  # equal on every rank: the loader guarantees it
     engine.train()
-    start, seen, loss_sum, done = time.perf_counter(), 0, 0.0, 0
+    start, seen, done = time.perf_counter(), 0, 0
+    loss_sum = torch.zeros((), dtype=torch.float64)  # summed where the loss lives: no per-step host sync
     for images, labels in loader:  # resumes from the restored position within the epoch
         engine = run.engine  # an event may have swapped the engine (compaction)
         set_lr(engine, lr_at(state.epoch + state.step / max(steps, 1), cfg))
@@ -86,14 +87,15 @@ def train_epoch(run: Run, algo) -> dict[str, float]:
         engine.backward(loss)  # sync point: gradient all-reduce / reduce-scatter
         engine.step()
         state.step, state.global_step = state.step + 1, state.global_step + 1
-        seen, loss_sum, done = seen + images.shape[0], loss_sum + loss.item(), done + 1
+        loss_sum = loss_sum.to(loss.device) + loss.detach().double()
+        seen, done = seen + images.shape[0], done + 1
         algo.on_step_end(run)
         if state.global_step % cfg.tracking.log_every == 0:
-            run.logger.log({"train/loss": loss.item(), "train/lr": engine.optimizer.param_groups[0]["lr"],
+            run.logger.log({"train/loss": float(loss), "train/lr": engine.optimizer.param_groups[0]["lr"],
                             "epoch": state.epoch + state.step / steps}, step=state.global_step)
         if cfg.checkpoint.every_steps and state.global_step % cfg.checkpoint.every_steps == 0 and state.step < steps:
-            run.checkpoint({"train_loss": loss.item()})  # sync point: every rank reaches the same step
+            run.checkpoint({"train_loss": float(loss)})  # sync point: every rank reaches the same step
     elapsed = time.perf_counter() - start
-    return {"train_loss": loss_sum / max(done, 1), "epoch_seconds": elapsed,
+    return {"train_loss": float(loss_sum) / max(done, 1), "epoch_seconds": elapsed,
             "img_per_s": seen * run.world / max(elapsed, 1e-9), "step_seconds": elapsed / max(done, 1),
             "lr": run.engine.optimizer.param_groups[0]["lr"]}

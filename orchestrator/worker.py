@@ -12,20 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
+from .coordinator import rank_world
 from .engine import build_engine
 from .evaluation import evaluate, sync_bn_buffers
 from .tracking import NullLogger, make_logger
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def num_classes(cfg: TrainConfig) -> int | None:
@@ -79,7 +73,7 @@ class Run:
     def __init__(self, cfg: TrainConfig, report_fn=None, get_checkpoint_fn=None):
         self.cfg = cfg
         self._report = report_fn
-        self.rank, self.world = _rank_world()
+        self.rank, self.world = rank_world()
         self.state = ckpt.RunState(world_size=self.world, config=cfg.model_dump(mode="json"))
         self.work = Path(tempfile.mkdtemp(prefix=f"sp_run_r{self.rank}_"))
         self.carry = self.work / "carry"  # rank 0's files that ride along in every checkpoint

@@ -22,6 +22,7 @@ from torch.func import functional_call
 from models import ShortcutA, arch_spec, build_from_spec
 
 from .apply import masked_tensors
+from .flops import hw
 from .groups import GroupSet
 from .masks import MaskSet
 from .plan import Plan, make_plan
@@ -49,11 +50,12 @@ def compact(model: nn.Module, groups: GroupSet, masks: MaskSet, mode: str = "har
     values = _sliced(meta, sd, plan)
     extras: dict[str, Tensor] = {}
     const_input: list[str] = []
+    biases: dict[str, Tensor] = {}
     if mode == "faithful":
         rec = _record_constants(model, groups, masks, plan, size)
         const_input = _fold(meta, dict(model.named_modules()), sd, plan, rec, values, extras)
+        biases = _scatter_biases(meta, plan, rec)
     spec = _shape_spec(dense, meta, plan, const_input, scatter_bias=mode == "faithful")
-    biases = _scatter_biases(meta, plan, rec) if mode == "faithful" else {}
     device = next(model.parameters()).device
     new = _materialise(spec, device, sd, values, extras, plan, biases)
     new.train(model.training)
@@ -104,7 +106,7 @@ def _record_constants(model, groups, masks, plan: Plan, size) -> dict[str, Tenso
     """Per reader with removed inputs: its input at one position (each removed channel is a
     constant there); per scattering producer's BN: its output at one position."""
     meta = model.softprune_meta
-    h, w = (size, size) if isinstance(size, int) else size
+    h, w = hw(size)
     readers = {r for r, k in plan.in_keep.items() if k is not None}
     bns = {meta.bn[c] for c in plan.scatter}
     rec: dict[str, Tensor] = {}
@@ -162,8 +164,6 @@ def _fold(meta, modules, sd, plan: Plan, rec, values, extras) -> list[str]:
 
 def _scatter_biases(meta, plan: Plan, rec) -> dict[str, Tensor]:
     """Producer conv -> the bias of its scatter: the pruned channels' BN constants."""
-    if rec is None:
-        return {}
     out = {}
     for conv, pos in plan.scatter.items():
         stream = plan.stream_keep[meta.stream_of[conv]]

@@ -17,18 +17,14 @@ from torch import nn
 
 from models import arch_spec, build_from_spec
 
-from .flops import Counts
+from .flops import Counts, hw
 from .groups import GroupSet
 from .masks import MaskSet
 from .plan import make_plan
 
 
-def _hw(input_size) -> tuple[int, int]:
-    return (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-
-
 @functools.lru_cache(maxsize=32)
-def _layer_shapes(spec_json: str, hw: tuple[int, int]) -> dict[str, tuple]:
+def _layer_shapes(spec_json: str, size: tuple[int, int]) -> dict[str, tuple]:
     """name -> (kind, output spatial elements, weight shape, bias?) of every conv and linear."""
     with torch.device("meta"):
         model = build_from_spec(json.loads(spec_json)).eval()
@@ -43,7 +39,7 @@ def _layer_shapes(spec_json: str, hw: tuple[int, int]) -> dict[str, tuple]:
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
                if isinstance(m, (nn.Conv2d, nn.Linear))]
     with torch.no_grad():
-        model(torch.zeros(1, 3, *hw, device="meta"))
+        model(torch.zeros(1, 3, *size, device="meta"))
     for h in handles:
         h.remove()
     return shapes
@@ -56,8 +52,8 @@ def masked_cost(model: nn.Module, groups: GroupSet, masks: MaskSet, input_size=N
     if mode not in ("hard", "faithful"):
         raise ValueError(f"mode must be 'hard' or 'faithful', got {mode!r}")
     meta = model.softprune_meta
-    hw = _hw(input_size or meta.input_size)
-    shapes = _layer_shapes(json.dumps(arch_spec(model), sort_keys=True), hw)
+    size = hw(input_size or meta.input_size)
+    shapes = _layer_shapes(json.dumps(arch_spec(model), sort_keys=True), size)
     plan = make_plan(model, groups, masks)
     modules = dict(model.named_modules())
     conv_macs = linear_macs = 0

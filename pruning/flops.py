@@ -34,9 +34,14 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def hw(input_size: int | tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of a square size or a pair."""
+    return (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+
+
 def count_flops(model: nn.Module, input_size: int | tuple[int, int], in_chans: int = 3) -> Counts:
     """Run `model` once on a zero image of `input_size` and count its MACs (eval mode, no grad)."""
-    h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
+    h, w = hw(input_size)
     param = next(model.parameters())
     x = torch.zeros(1, in_chans, h, w, dtype=param.dtype, device=param.device)
     was_training = model.training

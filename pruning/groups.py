@@ -87,10 +87,6 @@ class GroupSet:
             names += tensor_names(self.member_of[conv][1], hard)
         return names
 
-    def signature(self) -> str:
-        """Names and sizes in order: what packed masks must agree on."""
-        return ";".join(f"{g.name}:{g.size}" for g in self.groups)
-
 
 def tensor_names(member: Member, hard: bool) -> list[str]:
     names = [f"{member.conv}.weight"] + ([f"{member.conv}.bias"] if member.has_bias else [])
