@@ -1,8 +1,12 @@
 """Filter importance: one score per group slot, larger = more important.
 
 A criterion maps a conv weight (out, in, kh, kw) to one score per output channel, with one
-vectorised call per conv (no loop over filters). A group's slot score is the mean over the member
-channels mapped to that slot, so streams with many producers are not favoured over single convs.
+vectorised call per conv (no loop over filters). Each member conv's scores are first divided by
+that member's mean score (`_relative`), then a group's slot score is the mean over the member
+channels mapped to that slot, so streams with many producers are not favoured over single convs
+and no member outweighs the others by its size or scale. Scores are therefore relative (about 1
+on average per member): only their order within a group, and their ratio to the group's mean
+(global scope), carry meaning.
 """
 
 from __future__ import annotations
@@ -42,12 +46,33 @@ def filter_scores(weight: Tensor, criterion: str = "l2") -> Tensor:
     return _FUNCS[criterion](weight.detach().float())
 
 
+def _relative(s: Tensor) -> Tensor:
+    """One member conv's scores divided by their mean: the one place where scores of different
+    convs are made comparable, before a group combines them (every criterion, every policy).
+
+    A coupled group mixes convs of different fan-in, width and scale: the stem and the
+    16/32/64-channel stages of an option-A-linked CIFAR stream, a bottleneck's conv3 and its
+    downsample. Raw L1 grows with fan-in, FPGM (a sum over the layer's other filters) with width,
+    and every criterion with the conv's weight scale, which training sets freely because a BN
+    follows every conv (the network does not change when one conv's weights are rescaled, so
+    neither may the ranking). Combined raw, the widest or largest-scale members decided alone and
+    emptied the narrow stages (ResNet-56/110, rate 0.3: 1 of layer1's 16 channels kept).
+    L1, L2 and FPGM are positively homogeneous in the weights, so dividing by the member's own
+    mean makes its scores exactly scale-free, about 1 for a typical filter, whatever its fan-in or
+    width. The mean rather than the max (one outlier filter would squash the rest), the median
+    (0 once soft-masked zero filters are the majority) or a z-score (negative scores; spreads
+    differ between criteria). Within one conv it is a positive rescaling, so single-conv groups
+    rank as before, in `select`'s global scope too (which divides by the group's mean anyway).
+    A member whose filters are all zero scores 0 everywhere."""
+    return s / s.mean().clamp_min(1e-12)
+
+
 def _group_score(group: Group, tensors: Mapping[str, Tensor], fn) -> Tensor:
     if len(group.members) == 1 and group.members[0].slot is None:
-        return fn(_weight(tensors, group.members[0].conv))
+        return _relative(fn(_weight(tensors, group.members[0].conv)))
     total = None
     for m in group.members:
-        s = fn(_weight(tensors, m.conv))
+        s = _relative(fn(_weight(tensors, m.conv)))
         if total is None:
             total = s.new_zeros(group.size)
         total.index_add_(0, m.slot.to(s.device), s)
@@ -64,7 +89,8 @@ def _weight(tensors: Mapping[str, Tensor], conv: str) -> Tensor:
 def score(groups: GroupSet, tensors: Mapping[str, Tensor], criterion: str = "l2") -> dict[str, Tensor]:
     """Score every slot of every group from the conv weights in `tensors` (name -> tensor, e.g.
     `dict(model.named_parameters())` or full fp32 weights gathered under ZeRO). Returns CPU fp32
-    vectors keyed by group name; computed where the weights live, one copy back at the end."""
+    vectors keyed by group name, relative scores (each member conv's divided by its mean, see
+    `_relative`); computed where the weights live, one copy back at the end."""
     if criterion not in _FUNCS:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     fn = _FUNCS[criterion]

@@ -87,6 +87,8 @@ def _global(groups: GroupSet, scores, rate: float, min_keep: int, round_to: int)
     normed = []
     for g in groups:
         s = scores[g.name].cpu().float()
+        # `score` already gives each member conv mean 1 (a no-op for single convs, close to one
+        # for coupled groups); kept for scores from elsewhere, whose scale `select` cannot know
         s = s / s.mean().clamp_min(1e-12)
         floor = min(min_keep, g.size)
         if floor:  # the floor's best slots can never be pruned

@@ -50,3 +50,20 @@ def random_masks(groups, rate: float, seed: int):
             k[torch.randint(grp.size, (1,), generator=g)] = True
         keep[grp.name] = k
     return MaskSet(0, keep)
+
+
+def trained_looking(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The model's parameters by name, conv weights rescaled as training leaves them: each conv by
+    its own factor (log-uniform in [1/8, 8]; BN after it makes the network indifferent to it) and
+    each filter by a log-normal one, so members of a coupled group differ in magnitude and filters
+    of one conv differ in norm. The model itself is not changed."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, p in model.named_parameters():
+        w = p.detach()
+        if w.dim() == 4:
+            layer = 2.0 ** (torch.rand((), generator=g).item() * 6 - 3)
+            filt = torch.exp(torch.randn(w.shape[0], generator=g) * 0.5).view(-1, 1, 1, 1)
+            w = w * layer * filt
+        out[name] = w
+    return out
