@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import faults
 from .config import TrainConfig
 from .coordinator import Coordinator, GradientFreezer
 from .evaluation import recalibrate_bn
@@ -67,6 +68,7 @@ class Masker:
         p = self.p
 
         def choose(tensors):  # runs on rank 0 only
+            faults.inject("select", 0)
             scores = score(self.groups, tensors, criterion=p.criterion)
             return select(self.groups, scores, rate, scope=p.scope, min_keep=p.min_keep, round_to=p.round_to,
                           epoch=epoch)
@@ -157,7 +159,7 @@ class SoftPruning(NoPruning):
 
         model, spec = compact(_cpu_copy(run.model), self.masker.groups, self.masker.masks, mode="faithful",
                               input_size=run.input_size)
-        metrics = run.evaluate(model)
+        metrics = run.evaluate_candidate(model)
         run.stage("compacted_faithful", metrics)
         if run.rank == 0:  # rank-dependent: one writer
             save_compact(run.carry / "faithful", model, spec, {"stage": "compacted_faithful", **metrics})
@@ -168,7 +170,7 @@ class SoftPruning(NoPruning):
 
         m = self.masker
         model, spec = compact(_cpu_copy(run.model), m.groups, m.masks, mode="hard", input_size=run.input_size)
-        run.stage("compacted_hard", run.evaluate(model))
+        run.stage("compacted_hard", run.evaluate_candidate(model))
         mode, stages = self.cfg.pruning.compact_mode, run.state.stages
         if mode == "best":
             faithful = stages.get("compacted_faithful", {}).get("top1", -1.0)

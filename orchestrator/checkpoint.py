@@ -63,13 +63,23 @@ class RunState:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every generator a rank draws from, CUDA's (one state per visible device) included."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        saved = state["cuda"]
+        if len(saved) != torch.cuda.device_count():  # another node shape: restore what matches
+            saved = saved[: torch.cuda.device_count()]
+        for index, value in enumerate(saved):
+            torch.cuda.set_rng_state(value, index)
 
 
 def save(engine, state: RunState, rank: int, loader_state: dict | None, carry: Path | None,

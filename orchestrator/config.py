@@ -88,6 +88,15 @@ class ScalingConfig(_Section):
     max_failures: int = Field(0, ge=-1)  # worker-group restarts Ray may do; -1: unlimited
 
 
+class WatchdogConfig(_Section):
+    """Deadlines that turn a hung rank into a failure Ray retries from the last checkpoint
+    (orchestrator/watchdog.py). `timeout_s=0` turns the watchdog off."""
+
+    timeout_s: float = Field(600.0, ge=0)  # no step, eval batch or pruning event may take longer
+    checkpoint_timeout_s: float = Field(1800.0, gt=0)  # set-up/restore, one checkpoint, the final outputs
+    grace_s: float = Field(30.0, gt=0)  # after the error, wait this long before ending a rank stuck in C
+
+
 class TrackingConfig(_Section):
     """wandb settings; `mode="auto"` is online when logged in, offline otherwise, and
     WANDB_MODE in the environment always wins."""
@@ -116,6 +125,7 @@ class TrainConfig(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     scaling: ScalingConfig = ScalingConfig()
     tracking: TrackingConfig = TrackingConfig()
+    watchdog: WatchdogConfig = WatchdogConfig()
 
     @model_validator(mode="after")
     def _coherent(self) -> "TrainConfig":

@@ -1,68 +1,48 @@
 """The pruning coordinator: rank 0 decides the masks, every rank applies the same masks.
 
-Protocol of one pruning event (DESIGN.md):
-1. every rank gathers the full fp32 tensors the groups touch (a collective under ZeRO); rank 0
-   scores them, applies the rate and builds the masks;
-2. rank 0 broadcasts the bit-packed masks; every rank unpacks them and the hashes are compared
-   across ranks (a mismatch raises, naming the ranks);
+Protocol of one pruning event (docs/design.md):
+1. every rank reads the full fp32 tensors the groups touch (a collective under ZeRO); rank 0
+   scores them, applies the rate and builds the masks. An exception there reaches every rank
+   at once as the same error (`collectives.run_on_rank`), instead of leaving them in a broadcast;
+2. rank 0 broadcasts the bit-packed masks; every rank unpacks them;
 3. every rank writes the masked tensors into the module AND DeepSpeed's fp32 master copy (and
-   optionally the optimiser moments), so the zeros survive the next `step()`;
-4. mask statistics (kept fraction per layer, churn, effective cost) go back to the caller.
+   optionally the optimiser moments) through `MasterCopy`, so the zeros survive the next `step()`;
+4. every rank checks what it actually holds afterwards (`verify`): each pruned row must be zero
+   in the module and in the master pieces this rank owns, and a digest of the zero rows it holds
+   is compared across ranks. A rank whose apply went wrong is named in the error;
+5. mask statistics (kept fraction per layer, churn, effective cost) go back to the caller.
 
 Masks never depend on rank-local arithmetic: only rank 0's decision travels.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-MOMENT_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq")
+from .collectives import RankDisagreement, gather_to_all, run_on_rank
+from .master import MasterCopy
 
 
-class MaskMismatchError(RuntimeError):
-    """Ranks disagree on the masks after the broadcast."""
+class MaskMismatchError(RankDisagreement):
+    """After applying, ranks do not hold the masks they were sent."""
 
 
-def rank_world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) outside a process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+def dropped_rows(groups, masks, hard: bool) -> dict[str, torch.Tensor]:
+    """Parameter/buffer name -> bool vector over dim 0: the rows the masks set to zero."""
+    from pruning.apply import tensor_names
+    from pruning.masks import conv_keep
 
-
-def broadcast_bytes(payload: bytes | None, src: int = 0) -> bytes:
-    """Send `payload` from `src` to every rank as a uint8 tensor (length first). Sync point."""
-    rank, world = rank_world()
-    if world == 1:
-        assert payload is not None
-        return payload
-    size = torch.tensor([len(payload) if rank == src else 0], dtype=torch.int64)
-    dist.broadcast(size, src)
-    buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if rank == src else torch.empty(int(size), dtype=torch.uint8)
-    dist.broadcast(buf, src)
-    return bytes(buf.numpy().tobytes())
-
-
-def check_same_hash(local_hash: str) -> list[str]:
-    """All-gather every rank's mask hash; raise naming the ranks that differ from rank 0. Sync point."""
-    rank, world = rank_world()
-    if world == 1:
-        return [local_hash]
-    hashes: list[Any] = [None] * world
-    dist.all_gather_object(hashes, local_hash)
-    bad = [r for r, h in enumerate(hashes) if h != hashes[0]]
-    if bad:
-        raise MaskMismatchError(
-            f"mask hash mismatch: ranks {bad} differ from rank 0 ({hashes[0]}): "
-            + ", ".join(f"rank {r}={hashes[r]}" for r in bad)
-        )
-    return list(hashes)
+    out = {}
+    for conv, keep in conv_keep(groups, masks).items():
+        for name in tensor_names(groups.member_of[conv][1], hard):
+            out[name] = ~keep.bool()
+    return out
 
 
 class Coordinator:
@@ -71,7 +51,7 @@ class Coordinator:
     def __init__(self, model: nn.Module, groups, engine=None):
         self.model = model  # the plain module (engine.module under DeepSpeed)
         self.groups = groups
-        self.engine = engine
+        self.master = MasterCopy(engine)
         self.names = list(groups.param_names())
         self._params = dict(model.named_parameters())
         self._buffers = dict(model.named_buffers())
@@ -79,43 +59,29 @@ class Coordinator:
     # -- step 1: full fp32 tensors ------------------------------------------------------
     def full_tensors(self) -> dict[str, torch.Tensor]:
         """Full fp32 values of every touched tensor. Collective under ZeRO 1/2: all ranks call it."""
-        from deepspeed.utils import safe_get_full_fp32_param
-
         out = {}
         for name in self.names:
             if name in self._params:
-                p = self._params[name]
-                full = safe_get_full_fp32_param(p)  # all-reduce of the fragments under ZeRO
-                out[name] = (full if full is not None else p.detach()).float().clone().cpu()
+                out[name] = self.master.full(self._params[name])
             else:
-                out[name] = self._buffers[name].detach().float().clone().cpu()
+                out[name] = self._buffers[name].detach().float().cpu().clone()
         return out
 
-    # -- steps 1-2: decide on rank 0, broadcast, check -------------------------------------
+    # -- steps 1-2: decide on rank 0, broadcast ---------------------------------------------
     def decide(self, choose: Callable[[dict[str, torch.Tensor]], Any]):
-        """Rank 0 runs `choose(full_tensors) -> MaskSet`; every rank gets the same MaskSet back.
-
-        Returns (masks, tensors, rank_hashes). `tensors` are the full fp32 values on every rank.
-        """
+        """Rank 0 runs `choose(full_tensors) -> MaskSet`; every rank gets the same MaskSet back
+        (or rank 0's exception as `RankFailure`). Returns (masks, tensors)."""
         from pruning import MaskSet
 
-        rank, _ = rank_world()
         tensors = self.full_tensors()
-        packed = choose(tensors).pack() if rank == 0 else None  # rank-dependent: only rank 0 scores
-        data = broadcast_bytes(packed)  # sync point
-        masks = MaskSet.unpack(data, self.groups)
-        hashes = check_same_hash(masks.hash())  # sync point; raises naming the bad ranks
-        return masks, tensors, hashes
+        data = run_on_rank(lambda: choose(tensors).pack(), src=0, what="mask selection")  # sync point
+        return MaskSet.unpack(data, self.groups), tensors
 
     # -- step 3: apply to module, master copy and moments ---------------------------------
     def apply(self, masks, tensors: dict[str, torch.Tensor] | None = None, hard: bool = False,
               zero_moments: bool = False) -> None:
-        """Write the masked values into the module and DeepSpeed's fp32 master partition.
-
-        Every rank must call this (safe_set writes only the local partition, but the getter used
-        for `tensors` is collective).
-        """
-        from deepspeed.utils import safe_set_full_fp32_param
+        """Write the masked values into the module and the master copy. Every rank must call
+        this (the getters used for `tensors` and the moments are collective under ZeRO)."""
         from pruning import masked_tensors
 
         tensors = tensors if tensors is not None else self.full_tensors()
@@ -123,77 +89,79 @@ class Coordinator:
         with torch.no_grad():
             for name, value in new.items():
                 if name in self._params:
-                    p = self._params[name]
-                    p.data.copy_(value.to(p.dtype))
-                    safe_set_full_fp32_param(p, value.to(p.device).float())  # no-op without ZeRO
+                    self.master.write(self._params[name], value)
                 else:
                     self._buffers[name].copy_(value.to(self._buffers[name].dtype))
         if zero_moments:
-            self._zero_moments(masks, new, tensors)
+            self._zero_moments(masks, new)
 
-    def _zero_moments(self, masks, new: dict, old: dict) -> None:
-        """Zero the optimiser moments where the mask zeroed weights (the same slices).
-
-        Under ZeRO each get/set is a collective, so the set of keys must be the same on every
-        rank: it is read from the optimiser's own state (one entry per local partition), which
-        exists on every rank once a step was taken, and from nowhere rank-specific.
-        """
+    def _zero_moments(self, masks, new: dict) -> None:
+        """Zero the optimiser moments where the mask zeroed weights (the same rows). Under ZeRO
+        each get/set is a collective, so the keys come from the optimiser's own state, which is
+        the same on every rank once a step was taken."""
         from pruning import masked_tensors
 
-        for key in self._moment_keys():
-            moments = {n: m for n in new if n in self._params and (m := self._moment(n, key)) is not None}
+        for key in self.master.moment_keys():
+            moments = {n: m for n in new if n in self._params
+                       and (m := self.master.moment(self._params[n], key)) is not None}
             for name, value in masked_tensors(self.groups, masks, moments, hard=True).items():
-                self._set_moment(name, key, value)
+                self.master.set_moment(self._params[name], key, value)
 
-    def _moment_keys(self) -> list[str]:
-        opt = self._optimizer()
-        if opt is None or getattr(self.engine, "global_steps", 1) == 0:
-            return []  # no step yet: no moments to zero (identical on every rank)
-        inner = getattr(opt, "optimizer", opt)
-        for st in inner.state.values():
-            return [k for k in MOMENT_KEYS if k in st]
-        return []
+    # -- step 4: check what every rank holds ------------------------------------------------
+    def held_state(self, masks, hard: bool) -> tuple[str, list[str]]:
+        """(digest of the zero rows this rank holds, names whose pruned rows are not zero here).
 
-    def _optimizer(self):
-        return getattr(self.engine, "optimizer", None) if self.engine is not None else None
+        A row counts as zero only if it is zero in the module and in every master piece this
+        rank owns, so a master copy that kept old values changes this rank's digest."""
+        digest, bad = hashlib.sha256(), []
+        for name, drop in sorted(dropped_rows(self.groups, masks, hard).items()):
+            zero = self._zero_rows(name)
+            digest.update(name.encode() + zero.numpy().tobytes())
+            if bool((drop & ~zero).any()):
+                bad.append(name)
+        return digest.hexdigest()[:16], bad
 
-    def _moment(self, name: str, key: str) -> torch.Tensor | None:
-        from deepspeed.utils import safe_get_full_optimizer_state
-
+    def _zero_rows(self, name: str) -> torch.Tensor:
+        if name not in self._params:
+            flat = self._buffers[name].detach()
+            return (flat.reshape(flat.shape[0], -1) == 0).all(1).cpu()
         p = self._params[name]
-        if hasattr(p, "_hp_mapping"):  # ZeRO 1/2: collective gather of the partitioned state
-            value = safe_get_full_optimizer_state(p, key)
-            return None if value is None else value.float().clone().cpu()
-        opt = self._optimizer()
-        inner = getattr(opt, "optimizer", opt)
-        state = inner.state.get(p, {}) if inner is not None else {}
-        return state[key].float().clone().cpu() if key in state else None
+        rows = p.shape[0]
+        nonzero = (p.detach().reshape(rows, -1) != 0).any(1).cpu()
+        per_row = p.numel() // rows
+        for start, piece in self.master.held_pieces(p):
+            hit = torch.nonzero(piece.cpu() != 0).flatten() + start
+            nonzero[torch.unique(hit // per_row)] = True
+        return ~nonzero
 
-    def _set_moment(self, name: str, key: str, value: torch.Tensor) -> None:
-        from deepspeed.utils import safe_set_full_optimizer_state
-
-        p = self._params[name]
-        if hasattr(p, "_hp_mapping"):
-            safe_set_full_optimizer_state(p, value.to(p.device).float(), key)
-            return
-        opt = self._optimizer()
-        inner = getattr(opt, "optimizer", opt)
-        inner.state[p][key].copy_(value.to(inner.state[p][key].dtype))
+    def verify(self, masks, hard: bool) -> list[str]:
+        """Every rank's digest of what it holds; raise naming the ranks that are wrong. Sync point."""
+        held = gather_to_all(self.held_state(masks, hard))
+        bad = {r: names for r, (_, names) in enumerate(held) if names}
+        if bad:
+            raise MaskMismatchError("pruned rows are not zero after applying the masks on "
+                                    + "; ".join(f"rank {r} ({', '.join(n[:3])})" for r, n in bad.items()))
+        digests = [d for d, _ in held]
+        differ = [r for r, d in enumerate(digests) if d != digests[0]]
+        if differ:
+            raise MaskMismatchError(f"ranks {differ} hold other zero rows than rank 0 after applying the "
+                                    "masks: " + ", ".join(f"rank {r}={d}" for r, d in enumerate(digests)))
+        return digests
 
     # -- the whole event ---------------------------------------------------------------
     def event(self, choose: Callable[[dict[str, torch.Tensor]], Any], hard: bool = False,
               zero_moments: bool = False, previous=None) -> tuple[Any, dict[str, Any]]:
-        """Decide, broadcast, check, apply; returns (masks, stats). Collective on every rank."""
+        """Decide, broadcast, apply, verify; returns (masks, stats). Collective on every rank."""
         start = time.perf_counter()
-        masks, tensors, hashes = self.decide(choose)
+        masks, tensors = self.decide(choose)
         self.apply(masks, tensors, hard=hard, zero_moments=zero_moments)
-        seconds = time.perf_counter() - start
+        held = self.verify(masks, hard)
         stats = {
-            "hash": hashes[0],  # every rank's hash equals rank 0's: decide() checked it
-            "rank_hashes": hashes,
+            "hash": masks.hash(),
+            "rank_hashes": held,  # per rank: digest of the zero rows it holds (equal: verify checked)
             "kept_fraction": {str(k): float(v) for k, v in masks.kept_fraction().items()},
             "churn": float(masks.churn(previous)) if previous is not None else None,
-            "seconds": seconds,
+            "seconds": time.perf_counter() - start,
         }
         return masks, stats
 
@@ -206,18 +174,18 @@ class GradientFreezer:
     """
 
     def __init__(self, model: nn.Module, groups, masks):
-        from pruning import masked_tensors
-
         params = dict(model.named_parameters())
-        ones = {n: torch.ones_like(params[n], dtype=torch.float32, device="cpu") for n in groups.param_names() if n in params}
-        keep = masked_tensors(groups, masks, ones, hard=True)
         self._handles = []
-        for name, mult in keep.items():
-            if name in params and bool((mult == 0).any()):
-                gate = mult.to(params[name].device, params[name].dtype)
-                self._handles.append(params[name].register_hook(lambda g, gate=gate: g * gate))
+        for name, drop in dropped_rows(groups, masks, hard=True).items():
+            if name in params and bool(drop.any()):
+                p = params[name]
+                gate = (~drop).to(p.device, p.dtype).view(-1, *([1] * (p.dim() - 1)))
+                self._handles.append(p.register_hook(lambda g, gate=gate: g * gate))
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+__all__ = ["Coordinator", "GradientFreezer", "MaskMismatchError", "dropped_rows"]

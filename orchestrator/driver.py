@@ -55,7 +55,8 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
 def worker_env() -> dict[str, str]:
     """Environment every worker gets: quiet, caches kept where the driver keeps them."""
     keep = ("TORCH_EXTENSIONS_DIR", "WANDB_DIR", "WANDB_MODE", "WANDB_API_KEY", "WANDB_CACHE_DIR",
-            "WANDB_CONFIG_DIR", "WANDB_SILENT", "TMPDIR", "DS_ACCELERATOR", "MPLCONFIGDIR", "PYTHONPATH")
+            "WANDB_CONFIG_DIR", "WANDB_SILENT", "TMPDIR", "DS_ACCELERATOR", "MPLCONFIGDIR", "PYTHONPATH",
+            "SOFTPRUNE_FAULTS")
     env = {k: os.environ[k] for k in keep if k in os.environ}
     env.setdefault("WANDB_X_DISABLE_STATS", "true")
     env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
@@ -65,7 +66,7 @@ def worker_env() -> dict[str, str]:
 def make_trainer(cfg: TrainConfig):
     """The TorchTrainer for `cfg` (nothing started yet)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from .trainer import train_loop_per_worker
 
@@ -78,6 +79,8 @@ def make_trainer(cfg: TrainConfig):
         train_loop_config={"config": cfg.model_dump(mode="json")},
         scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=s.gpus_per_worker > 0,
                                      resources_per_worker=resources),
+        # The process group's own deadline backs up the watchdog: longer than any phase may take.
+        torch_config=TorchConfig(timeout_s=int(cfg.watchdog.checkpoint_timeout_s + 2 * cfg.watchdog.grace_s)),
         run_config=RunConfig(
             name=cfg.name, storage_path=cfg.storage_abspath,
             failure_config=FailureConfig(max_failures=s.max_failures),

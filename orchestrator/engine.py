@@ -74,8 +74,23 @@ def init_distributed() -> None:
     _quiet_deepspeed()
     import deepspeed
 
+    if torch.cuda.is_available():
+        # NCCL collectives (and DeepSpeed) use the current CUDA device: make it this rank's own.
+        torch.cuda.set_device(_local_cuda_device())
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend)
+
+
+def _local_cuda_device() -> torch.device:
+    try:  # Ray Train knows which of the visible GPUs it gave this worker
+        from ray.train.torch import get_device
+
+        device = get_device()
+        if device.type == "cuda":
+            return device
+    except Exception:  # noqa: BLE001 - outside a Ray Train worker (tests, torchrun)
+        pass
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
 
 
 def build_engine(model: nn.Module, cfg: TrainConfig, world_size: int | None = None):

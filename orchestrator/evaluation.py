@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-
-def _dist() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+from . import watchdog
+from .collectives import all_reduce_sum, rank_world
 
 
 def to_input(images: torch.Tensor, mean, std, like: nn.Module) -> torch.Tensor:
@@ -36,8 +34,8 @@ def evaluate(model: nn.Module, loader, mean, std) -> dict[str, float]:
         totals[1] += hit.any(1)[v].sum()
         totals[2] += v.sum()
         totals[3] += nn.functional.cross_entropy(logits[v], labels[v], reduction="sum").item() if v.any() else 0.0
-    if _dist():
-        dist.all_reduce(totals)  # sync point: every rank evaluates its share
+        watchdog.beat()
+    totals = all_reduce_sum(totals)  # sync point: every rank evaluates its share
     model.train(was_training)
     n = max(totals[2].item(), 1.0)
     return {"top1": totals[0].item() / n, "top5": totals[1].item() / n, "loss": totals[3].item() / n,
@@ -47,16 +45,17 @@ def evaluate(model: nn.Module, loader, mean, std) -> dict[str, float]:
 @torch.no_grad()
 def sync_bn_buffers(model: nn.Module) -> None:
     """Average BN running statistics over ranks so every rank (and the saved model) agrees.
-    Sync point: one all-reduce per buffer; cheap next to a training step."""
-    if not _dist():
+    Sync point: one all-reduce of all the buffers, flattened; cheap next to a training step."""
+    _, world = rank_world()
+    if world == 1:
         return
-    world = dist.get_world_size()
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-            for buf in (module.running_mean, module.running_var):
-                flat = buf.detach().float().cpu()
-                dist.all_reduce(flat)
-                buf.copy_((flat / world).to(buf.dtype))
+    bufs = [buf for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and m.track_running_stats for buf in (m.running_mean, m.running_var)]
+    if not bufs:
+        return
+    flat = all_reduce_sum(torch.cat([b.detach().float().flatten() for b in bufs])) / world
+    for buf, value in zip(bufs, flat.split([b.numel() for b in bufs])):
+        buf.copy_(value.view_as(buf).to(buf.dtype))
 
 
 @torch.no_grad()
@@ -79,6 +78,7 @@ def recalibrate_bn(model: nn.Module, batches, mean, std, limit: int) -> int:
             break
         model(to_input(item[0], mean, std, model))
         used += 1
+        watchdog.beat()
     for m, momentum in zip(bns, saved):
         m.momentum = momentum
     model.train(was_training)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
+from .collectives import barrier
 
 
 def output_uri(storage: str, name: str) -> str:
@@ -71,8 +71,7 @@ def write_outputs(run, model, spec: dict, chosen: str) -> str:
                                        {k: v["kept"] for k, v in report["per_layer"].items()},
                                        png=drawn if drawn.exists() else None)
         print(f"[softprune] outputs written to {target} (compact mode: {chosen})", flush=True)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # sync point: nobody leaves before the outputs exist
+    barrier()  # sync point: nobody leaves before the outputs exist
     return target
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from . import faults, watchdog
 from .algorithms import make_algorithm
 from .config import TrainConfig
 from .engine import init_distributed, lr_at, set_lr
@@ -26,11 +27,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     cfg = TrainConfig.model_validate(loop_config["config"])
     setup_worker(cfg)
-    run = Run(cfg, report_fn=ray.train.report, get_checkpoint_fn=ray.train.get_checkpoint)
+    w = cfg.watchdog
+    if w.timeout_s:
+        watchdog.start(w.timeout_s, int(os.environ.get("RANK", 0)), w.grace_s)
+    run = None
     try:
+        with watchdog.phase("set-up and restore", w.checkpoint_timeout_s):
+            run = Run(cfg, report_fn=ray.train.report, get_checkpoint_fn=ray.train.get_checkpoint)
         train(run)
     finally:
-        run.close()
+        watchdog.stop()  # before teardown: a slow close is no hang worth killing the worker for
+        if run is not None:
+            run.close()
 
 
 def setup_worker(cfg: TrainConfig) -> None:
@@ -52,11 +60,15 @@ def train(run: Run) -> None:
     if state.finished:
         return
     algo = make_algorithm(cfg)
-    algo.on_train_start(run)
+    slow = cfg.watchdog.checkpoint_timeout_s  # events that evaluate, compact or write outputs
+    with watchdog.phase("pruning event", slow):
+        algo.on_train_start(run)
     while state.epoch < cfg.total_epochs:
-        algo.on_epoch_start(run)
+        with watchdog.phase("pruning event", slow):
+            algo.on_epoch_start(run)
         epoch_metrics = train_epoch(run, algo)
-        algo.on_epoch_end(run)
+        with watchdog.phase("pruning event", slow):
+            algo.on_epoch_end(run)
         run.last_eval = run.evaluate()  # sync point (all-reduce of the counts)
         state.history.append(dict(epoch=state.epoch, **epoch_metrics, **{f"val_{k}": v for k, v in run.last_eval.items()}))
         run.logger.log({"epoch": state.epoch, **{f"epoch/{k}": v for k, v in epoch_metrics.items()},
@@ -65,7 +77,8 @@ def train(run: Run) -> None:
         run.checkpoint({**epoch_metrics, **{f"val_{k}": v for k, v in run.last_eval.items()}})  # sync point
         if cfg.stop_after_epoch is not None and state.epoch > cfg.stop_after_epoch:
             return  # a planned stop; the same command resumes at the next epoch
-    algo.on_finish(run)
+    with watchdog.phase("finalize", slow):
+        algo.on_finish(run)
     state.finished = True
     run.checkpoint({"finished": 1})  # sync point; marks the run done for a re-launch
 
@@ -77,6 +90,7 @@ def train_epoch(run: Run, algo) -> dict[str, float]:
     loader.set_epoch(state.epoch)
     steps = len(loader)  # equal on every rank: the loader guarantees it
     engine.train()
+    watchdog.beat("train step")  # the first batch waits for the loader workers
     start, seen, done = time.perf_counter(), 0, 0
     loss_sum = torch.zeros((), dtype=torch.float64)  # summed where the loss lives: no per-step host sync
     for images, labels in loader:  # resumes from the restored position within the epoch
@@ -89,6 +103,8 @@ def train_epoch(run: Run, algo) -> dict[str, float]:
         state.step, state.global_step = state.step + 1, state.global_step + 1
         loss_sum = loss_sum.to(loss.device) + loss.detach().double()
         seen, done = seen + images.shape[0], done + 1
+        faults.inject("train", run.rank, state.global_step)
+        watchdog.beat()
         algo.on_step_end(run)
         if state.global_step % cfg.tracking.log_every == 0:
             run.logger.log({"train/loss": float(loss), "train/lr": engine.optimizer.param_groups[0]["lr"],

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from . import faults, watchdog
 from .config import TrainConfig
-from .coordinator import rank_world
+from .collectives import rank_world
 from .engine import build_engine
 from .evaluation import evaluate, sync_bn_buffers
 from .tracking import NullLogger, make_logger
@@ -145,8 +146,18 @@ class Run:
         if self.val_loader is None:
             return {}
         model = model if model is not None else self.model
-        sync_bn_buffers(model)  # sync point: ranks must evaluate (and save) one model
-        return evaluate(model, self.val_loader, self.cfg.data.mean, self.cfg.data.std)
+        with watchdog.phase("evaluation"):  # evaluate() beats once per batch
+            faults.inject("eval", self.rank)
+            sync_bn_buffers(model)  # sync point: ranks must evaluate (and save) one model
+            return evaluate(model, self.val_loader, self.cfg.data.mean, self.cfg.data.std)
+
+    def evaluate_candidate(self, model: nn.Module) -> dict[str, float]:
+        """Evaluate a compacted CPU model on the training device (in fp32), then bring it back."""
+        device = next(self.model.parameters()).device
+        try:
+            return self.evaluate(model.to(device))
+        finally:
+            model.cpu()
 
     def stage(self, name: str, metrics: dict[str, Any]) -> None:
         """Record an evaluation stage (soft, hard, recalibrated, ...) for report.json and wandb."""
@@ -160,6 +171,10 @@ class Run:
     def checkpoint(self, metrics: dict[str, Any]) -> None:
         """Report metrics and a full checkpoint to Ray. Every rank calls it (Ray's report is a
         barrier and DeepSpeed's save is collective)."""
+        with watchdog.phase("checkpoint", self.cfg.watchdog.checkpoint_timeout_s):
+            self._checkpoint(metrics)
+
+    def _checkpoint(self, metrics: dict[str, Any]) -> None:
         local = ckpt.save(self.engine, self.state, self.rank, self.train_loader.state_dict(), self.carry,
                           root=str(self.work))
         try:

@@ -1,10 +1,13 @@
 """The coordinator over a real 2-process gloo group with real DeepSpeed engines.
 
-- zeros written by a pruning event survive `step()` at ZeRO 0, 1 and 2 (the fp32 master copy is
-  written too), and a control that only edits the module shows the master copy undoing it;
-- frozen masks (hard masks + gradient hooks) keep pruned filters and their BN at exactly 0
-  through real training steps;
-- both ranks end with the same mask hash, and a disagreement raises naming the bad rank.
+For fp32 and bf16 (bf16 runs on CPU) at ZeRO 0, 1 and 2:
+- zeros written by a pruning event survive `step()` (the fp32 master copy is written too, also
+  stage 0's FP16_UnfusedOptimizer clones under bf16), and a control that only edits the module
+  shows the master copy undoing it wherever a separate master exists;
+- frozen masks (hard masks + gradient hooks) keep pruned filters and their BN at exactly 0;
+- the divergence check sees a rank whose module or master copy holds a pruned value, and names it;
+- an exception on rank 0 while choosing masks reaches rank 1 within seconds as the same error.
+fp16 needs a GPU: tests/integration/test_gpu_bf16_zero2.py runs it there.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -26,57 +30,90 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cfg(stage: int, lr: float):
+def _cfg(stage: int, precision: str, gpus: float = 0, world: int = 2):
     from orchestrator.config import load_config
 
     return load_config({"data": {"train": "unused", "batch_size": 4, "image_size": 16},
                         "model": {"name": "resnet20", "num_classes": 4},
-                        "optim": {"lr": lr, "momentum": 0.9, "weight_decay": 1e-4},
-                        "scaling": {"workers": 2, "zero_stage": stage}})
+                        "optim": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
+                        "scaling": {"workers": world, "zero_stage": stage, "precision": precision,
+                                    "gpus_per_worker": gpus}})
 
 
-def _engine(stage: int, lr: float):
+def _engine(stage: int, precision: str, lr: float, gpus: float = 0, world: int = 2):
     from models import create_model
     from orchestrator.engine import build_engine, set_lr
 
     torch.manual_seed(0)
-    engine = build_engine(create_model("resnet20", 4), _cfg(stage, 0.1), 2)
+    engine = build_engine(create_model("resnet20", 4), _cfg(stage, precision, gpus, world), world)
     set_lr(engine, lr)
     return engine
 
 
 def _steps(engine, n: int, rank: int) -> None:
     gen = torch.Generator().manual_seed(100 + rank)  # rank-dependent data, as in real training
+    p = next(engine.module.parameters())
     for _ in range(n):
-        x = torch.randn(4, 3, 16, 16, generator=gen)
-        y = torch.randint(0, 4, (4,), generator=gen)
-        engine.backward(torch.nn.functional.cross_entropy(engine(x), y))
+        x = torch.randn(4, 3, 16, 16, generator=gen).to(p.device, p.dtype)
+        y = torch.randint(0, 4, (4,), generator=gen).to(p.device)
+        engine.backward(torch.nn.functional.cross_entropy(engine(x).float(), y))
         engine.step()
 
 
 def _pruned_max(engine, groups, masks, hard: bool) -> float:
-    """Largest |value| in the slices the masks zero (module weights)."""
-    from pruning import masked_tensors
+    """Largest |value| in the rows the masks zero (module weights)."""
+    from orchestrator.coordinator import dropped_rows
 
     params = dict(engine.module.named_parameters())
-    ones = {n: torch.ones_like(params[n]) for n in groups.param_names() if n in params}
-    gate = masked_tensors(groups, masks, ones, hard=hard)
-    return max(float((params[n].detach() * (1 - gate[n])).abs().max()) for n in gate)
+    return max(float(params[n].detach()[drop].abs().max()) if drop.any() else 0.0
+               for n, drop in dropped_rows(groups, masks, hard).items() if n in params)
 
 
-def _worker(rank: int, port: int, stage: int, out: str) -> None:
+def _corrupt(coord, masks, target: str) -> str:
+    """Put a non-zero value into one pruned row of this rank's module, or of a master piece this
+    rank holds; returns the parameter's name ("" if this rank holds no master piece of any)."""
+    from orchestrator.coordinator import dropped_rows
+
+    for name, drop in sorted(dropped_rows(coord.groups, masks, False).items()):
+        p, rows = coord._params[name], torch.nonzero(drop).flatten().tolist()
+        if not rows:
+            continue
+        with torch.no_grad():
+            if target == "module":
+                p[rows[0]].fill_(0.5)
+                return name
+            per_row = p.numel() // p.shape[0]
+            for start, piece in coord.master.held_pieces(p):
+                for row in rows:
+                    lo, hi = max(row * per_row - start, 0), min((row + 1) * per_row - start, piece.numel())
+                    if lo < hi:
+                        piece[lo:hi] = 0.5  # a view: the master copy itself changes
+                        return name
+    return ""
+
+
+def _check_raises(fn, error) -> str | None:
+    try:
+        fn()
+    except error as exc:
+        return str(exc)
+    return None
+
+
+def _worker(rank: int, port: int, stage: int, precision: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    from orchestrator.coordinator import Coordinator, GradientFreezer, MaskMismatchError, check_same_hash
+    from orchestrator.collectives import RankFailure
+    from orchestrator.coordinator import Coordinator, GradientFreezer, MaskMismatchError
     from orchestrator.engine import init_distributed
     from pruning import build_groups, score, select
 
     init_distributed()
     result = {}
-    # 1. soft event then a step at lr 0: the zeros must survive (master copy written).
-    engine = _engine(stage, lr=0.0)
-    _steps(engine, 2, rank)  # moments and master partitions exist before the event
+    # 1. soft event then steps at lr 0: the zeros must survive (master copy written).
+    engine = _engine(stage, precision, lr=0.0)
+    _steps(engine, 2, rank)  # moments and master copies exist before the event
     groups = build_groups(engine.module, policy="sfp")
     coord = Coordinator(engine.module, groups, engine)
     choose = lambda t: select(groups, score(groups, t, "l2"), 0.4)  # noqa: E731  (rank 0 only)
@@ -84,7 +121,15 @@ def _worker(rank: int, port: int, stage: int, out: str) -> None:
     _steps(engine, 2, rank)
     result["soft_after_lr0"] = _pruned_max(engine, groups, masks, hard=False)
     result["hashes"] = stats["rank_hashes"]
-    # 2. control: editing only the module is undone by step() under ZeRO 1/2.
+    # 2. the divergence check can fail: rank 1 holds a pruned value in its module, then (where a
+    #    separate master exists) only in its master piece; rank 0 stays clean.
+    coord.apply(masks)
+    for target in ("module", "master"):
+        corrupted = _corrupt(coord, masks, target) if rank == 1 else ""
+        result[f"corrupted_{target}"] = corrupted
+        result[f"mismatch_{target}"] = _check_raises(lambda: coord.verify(masks, hard=False), MaskMismatchError)
+        coord.apply(masks)  # mend before the next round
+    # 3. control: editing only the module is undone by step() wherever a master copy exists.
     params = dict(engine.module.named_parameters())
     with torch.no_grad():
         for name, value in coord.full_tensors().items():
@@ -92,8 +137,8 @@ def _worker(rank: int, port: int, stage: int, out: str) -> None:
                 params[name].add_(1.0)  # module only: the master copy keeps the old values
     _steps(engine, 1, rank)
     result["module_only_edit_kept"] = bool(float(params[groups.param_names()[0]].detach().abs().min()) >= 0.5)
-    # 3. frozen masks through real steps at lr 0.1 (hard: BN weight and bias too).
-    engine = _engine(stage, lr=0.1)
+    # 4. frozen masks through real steps at lr 0.1 (hard: BN weight and bias too).
+    engine = _engine(stage, precision, lr=0.1)
     _steps(engine, 2, rank)  # momentum exists: the event must zero it or the zeros drift
     groups = build_groups(engine.module, policy="sfp")
     coord = Coordinator(engine.module, groups, engine)
@@ -101,12 +146,13 @@ def _worker(rank: int, port: int, stage: int, out: str) -> None:
     GradientFreezer(engine.module, groups, masks)
     _steps(engine, 3, rank)
     result["frozen_after_steps"] = _pruned_max(engine, groups, masks, hard=True)
-    # 4. a disagreement raises and names rank 1.
-    try:
-        check_same_hash("same" if rank == 0 else "different")
-        result["mismatch"] = None
-    except MaskMismatchError as exc:
-        result["mismatch"] = str(exc)
+    # 5. rank 0 fails while choosing: every rank gets its error, at once.
+    def broken(tensors):
+        raise ValueError("scores went NaN in layer1.0.conv1")
+
+    start = time.monotonic()
+    result["rank0_failure"] = _check_raises(lambda: coord.event(broken), RankFailure)
+    result["rank0_failure_seconds"] = time.monotonic() - start
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     torch.distributed.barrier()
@@ -116,15 +162,25 @@ def _worker(rank: int, port: int, stage: int, out: str) -> None:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("stage", [0, 1, 2])
-def test_masks_survive_steps_under_zero(stage, tmp_path):
-    mp.spawn(_worker, args=(_free_port(), stage, str(tmp_path)), nprocs=2, join=True)
+def test_masks_survive_steps_under_zero(stage, precision, tmp_path):
+    mp.spawn(_worker, args=(_free_port(), stage, precision, str(tmp_path)), nprocs=2, join=True)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    separate_master = stage > 0 or precision != "fp32"
     for r, res in enumerate(results):
         assert res["soft_after_lr0"] == 0.0, f"rank {r}: pruned weights came back after step()"
         assert res["frozen_after_steps"] == 0.0, f"rank {r}: frozen pruned slices moved"
-        assert "ranks [1]" in res["mismatch"], res["mismatch"]
-        assert res["hashes"][0] == res["hashes"][1]
-    assert results[0]["hashes"] == results[1]["hashes"]
-    if stage > 0:  # the master copy really does undo module-only edits: the test above can fail
+        assert res["hashes"] == results[0]["hashes"] and len(set(res["hashes"])) == 1
+        # the corrupted rank is named on every rank, the clean one is not
+        assert "rank 1" in res["mismatch_module"] and "rank 0" not in res["mismatch_module"], res
+        assert "ValueError: scores went NaN in layer1.0.conv1" in res["rank0_failure"], res["rank0_failure"]
+        assert res["rank0_failure"].startswith("rank 0 failed during mask selection")
+        assert res["rank0_failure_seconds"] < 10, res["rank0_failure_seconds"]
+    if separate_master:  # the master copy really does undo module-only edits: the tests above can fail
         assert not results[0]["module_only_edit_kept"]
+        holder = results[1]["corrupted_master"]
+        if holder:  # rank 1 held a piece of that row: only its master copy was changed
+            assert "rank 1" in results[0]["mismatch_master"] and "rank 0" not in results[0]["mismatch_master"]
+        else:
+            assert results[0]["mismatch_master"] is None

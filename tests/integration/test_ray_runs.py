@@ -67,7 +67,7 @@ def test_asfp_stop_resume_finalize_compact(ray_cluster, shards, tmp_path):
     from pruning import MaskSet, load_compact
 
     over = {"pruning.method": "asfp", "pruning.rate": 0.4, "pruning.finetune_epochs": 1,
-            "pruning.recalibrate_batches": 2, "scaling.zero_stage": 1}
+            "pruning.recalibrate_batches": 2, "scaling.zero_stage": 1, "checkpoint.keep": 3}
     cfg = _config(shards, tmp_path, "asfp", **over, stop_after_epoch=1)
     first = run_training(cfg)
     assert "report" not in first  # stopped on purpose after epoch 1
@@ -82,11 +82,13 @@ def test_asfp_stop_resume_finalize_compact(ray_cluster, shards, tmp_path):
     assert len(resumed) == 1 and resumed[0]["epoch"] == 2 and resumed[0]["step"] == 0
     assert resumed[0]["weights_sha256"] == weights_digest(saved_model)  # loaded exactly what was saved
     assert [h["epoch"] for h in report["history"]] == [0, 1, 2, 3]  # continued at k+1, nothing redone
-    # the first event after the resume started from the saved masks (churn is measured against them)
     events = report["mask_history"]
     assert [e["epoch"] for e in events if not e["hard"]] == [0, 1, 2]
-    assert MaskSet.from_state(saved.masks) == saved_masks
-    for event in events:  # identical masks on both ranks at every event
+    # the resumed run started from the saved masks: its first event's churn is measured against them
+    first_after = next(e for e in events if e["epoch"] == 2 and not e["hard"])
+    assert first_after["churn"] is not None
+    assert events[1]["hash"] == saved_masks.hash()  # the masks in the checkpoint are the last event's
+    for event in events:  # both ranks held the same zero rows after every event (checked in the run)
         assert len(event["rank_hashes"]) == 2 and len(set(event["rank_hashes"])) == 1, event
 
     # the shipped compacted model loads and scores what the finalized masked model scores
@@ -105,8 +107,15 @@ def test_asfp_stop_resume_finalize_compact(ray_cluster, shards, tmp_path):
         assert compact_top1 == pytest.approx(_val_top1(final_masked, cfg), abs=1e-9)
         assert stages["compacted_hard"]["top1"] == pytest.approx(stages["finetuned"]["top1"], abs=1e-9)
     x = torch.randn(4, 3, 16, 16)
+    checkpoints = find_checkpoints(tmp_path / "asfp")
+    faithful, _, _ = load_compact(checkpoints[-1] / "carry" / "faithful")  # the candidate, shipped or not
+    soft_dir = max((d for d in checkpoints if not load_model(d)[1].frozen), key=lambda d: load_model(d)[1].epoch)
+    soft_model, soft_state = load_model(soft_dir)  # the soft-masked model finalize started from
+    assert soft_state.epoch == 3
     with torch.no_grad():
-        assert torch.allclose(model(x), final_masked(x), atol=1e-4) or report["compact_mode"] == "faithful"
+        assert torch.allclose(model(x), (final_masked if report["compact_mode"] == "hard" else faithful)(x), atol=1e-4)
+        # faithful compaction reproduces the soft-masked model, pruned channels' BN constants and all
+        assert torch.allclose(faithful.eval()(x), soft_model.eval()(x), atol=1e-4)
     assert json.loads((Path(second["output"]) / "arch.json").read_text())["model"] == "resnet20"
     # `softprune compact` path: the latest checkpoint, hard-compacted offline, is the same network
     from orchestrator.offline import compact_checkpoint
@@ -190,3 +199,24 @@ def test_worker_killed_mid_run_resumes_from_last_checkpoint(ray_cluster, shards,
     # freeze epoch 2: finalized at its start, trained frozen, shipped compacted
     assert {"soft", "hard", "recalibrated", "finetuned", "compacted_hard"} <= set(report["stages"])
     assert report["stages"]["hard"]["epoch"] == 2
+
+
+def test_a_stalled_rank_fails_and_the_run_resumes_and_finishes(ray_cluster, shards, tmp_path, monkeypatch):
+    """Rank 1 stops making progress at global step 7 (injected once, 4 steps an epoch); its watchdog
+    fails it after 8 s, Ray restarts the group from the step-6 checkpoint (epoch 1, step 2), and the
+    run finishes with every epoch once."""
+    from orchestrator.driver import default_ray_temp_dir, run_training
+
+    marker = tmp_path / "stalled_once"
+    monkeypatch.setenv("SOFTPRUNE_FAULTS", f"stall:rank=1:at=train:step=7:seconds=600:once={marker}")
+    cfg = _config(shards, tmp_path, "stalled", **{"scaling.max_failures": 1, "checkpoint.every_steps": 2,
+                                                  "epochs": 2, "watchdog.timeout_s": 8, "watchdog.grace_s": 5})
+    summary = run_training(cfg)
+    assert marker.read_text().startswith("rank 1 at train step 7")  # the stall really happened
+    report = summary["report"]
+    assert len(report["resumed_from"]) == 1, report["resumed_from"]
+    assert report["resumed_from"][0]["epoch"] == 1 and report["resumed_from"][0]["step"] == 2
+    assert [h["epoch"] for h in report["history"]] == [0, 1]
+    logs = Path(default_ray_temp_dir("_t")) / "session_latest" / "logs"
+    text = "\n".join(p.read_text(errors="replace") for p in logs.glob("worker-*.err"))
+    assert "watchdog: rank 1 made no progress in train step for" in text

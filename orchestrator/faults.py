@@ -1,0 +1,64 @@
+"""Fault injection for drills and tests, driven by the `SOFTPRUNE_FAULTS` environment variable.
+
+The variable holds `;`-separated faults, each `kind:key=value:...`:
+- `stall:rank=1:at=train:step=3:seconds=600` sleeps (in Python, in short naps) at that point;
+- `fail:rank=0:at=select` raises `InjectedFault` there.
+`once=PATH` makes a fault fire only if PATH does not exist yet (it is created when firing), so a
+restarted worker group runs clean. Points: `train` (after an optimizer step; `step` is the global
+step), `eval` (before an evaluation pass), `select` (rank 0 choosing masks). Unset, every call is
+a dictionary lookup: nothing to pay in a real run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+ENV = "SOFTPRUNE_FAULTS"
+
+
+class InjectedFault(RuntimeError):
+    """Raised by a `fail` fault."""
+
+
+def _parse(text: str) -> list[dict[str, str]]:
+    faults = []
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        kind, *pairs = item.split(":")
+        fault = {"kind": kind}
+        for pair in pairs:
+            key, _, value = pair.partition("=")
+            fault[key] = value
+        faults.append(fault)
+    return faults
+
+
+def _matches(fault: dict[str, str], at: str, rank: int, step: int | None) -> bool:
+    if fault.get("at") != at or int(fault.get("rank", rank)) != rank:
+        return False
+    if "step" in fault and (step is None or int(fault["step"]) != step):
+        return False
+    once = fault.get("once")
+    if once:
+        if Path(once).exists():
+            return False
+        Path(once).parent.mkdir(parents=True, exist_ok=True)
+        Path(once).write_text(f"rank {rank} at {at} step {step}\n")
+    return True
+
+
+def inject(at: str, rank: int, step: int | None = None) -> None:
+    """Fire the faults configured for this point, if any."""
+    text = os.environ.get(ENV)
+    if not text:
+        return
+    for fault in _parse(text):
+        if not _matches(fault, at, rank, step):
+            continue
+        if fault["kind"] == "fail":
+            raise InjectedFault(f"injected failure at {at} on rank {rank}")
+        if fault["kind"] == "stall":
+            until = time.monotonic() + float(fault.get("seconds", 3600))
+            while time.monotonic() < until:  # short naps: Python runs between them (see watchdog)
+                time.sleep(0.05)
