@@ -7,6 +7,7 @@ export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
 export WANDB_DIR := $(CURDIR)/.cache/wandb
 export WANDB_CACHE_DIR := $(CURDIR)/.cache/wandb
 export WANDB_CONFIG_DIR := $(CURDIR)/.cache/wandb
+export WANDB_DATA_DIR := $(CURDIR)/.cache/wandb
 export DS_ACCELERATOR := cpu
 
 .PHONY: setup test smoke clean

@@ -8,13 +8,20 @@ shards twice (original bytes, and `--max-side`), then measures in one run:
      the crop's rows), all reading the same shards;
   2. our real loader (data.make_train_loader, 1 worker) on the original and the --max-side
      shards against the naive pipeline on the original shards: the end-to-end gain;
-  3. our real loader with 1 vs 2 workers;
-  4. the share of our per-image time spent inside libjpeg (the floor Python cannot remove).
+  3. our real loader with 1 vs 2 workers, and the same against the old loader (fork per pass);
+  4. the share of our per-image time spent inside libjpeg (the floor Python cannot remove);
+  5. what a pass costs to start, on a short epoch (--startup-images, 2 workers): the old loader
+     (a new DataLoader per pass, workers forked each time; kept here only, as `ForkPerPassLoader`)
+     against the persistent workers of today (spawn, the default; forkserver for comparison):
+     time from iter() to the first batch, and the whole short epoch, first pass apart (it starts
+     the persistent workers), median of the later ones, and the old/new ratio.
 Throughput is counted from the first batch on (worker start-up excluded), best of --repeat runs,
-variants interleaved so that background load hits them alike. The last line prints the
---max-side end-to-end ratio.
+variants interleaved so that background load hits them alike. The real loader is measured on its
+second pass (its persistent workers are started by a first, unmeasured one). Every CPU figure is
+the workers' CPU time over the measured pass (psutil), so spawn's one-off start is not in it.
+The start-up ratio and the --max-side end-to-end ratio are printed last.
 
-    python benchmarks/bench_loader.py [--images 512] [--max-side 384] [--repeat 3]
+    python benchmarks/bench_loader.py [--images 512] [--max-side 384] [--repeat 3] [--startup-epochs 8]
 """
 
 from __future__ import annotations
@@ -22,12 +29,12 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import resource
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
@@ -37,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from data import DataConfig, make_train_loader, write_imagenet_shards  # noqa: E402
 from data.decode import _draft, _load_rows, decode_crop, open_image  # noqa: E402
+from data.loader import StreamingLoader  # noqa: E402
 from data.sources import resolve_source  # noqa: E402
 from data.tario import read_range  # noqa: E402
 from data.config import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
@@ -122,35 +130,128 @@ class BenchStream(IterableDataset):
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
-def rate(batches, batch_size: int) -> tuple[float, float]:
-    """(images per wall second from the first batch on, images per worker CPU second).
+def worker_cpu() -> dict[int, float]:
+    """CPU seconds so far of every loader worker of this process (the resource tracker left out)."""
+    out = {}
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "resource_tracker" not in " ".join(child.cmdline()):
+                times = child.cpu_times()
+                out[child.pid] = times.user + times.system
+        except psutil.NoSuchProcess:
+            continue
+    return out
 
-    The CPU figure is what one worker costs, whatever else runs on the machine: the loader
-    workers are child processes, and their CPU time reaches RUSAGE_CHILDREN once they have been
-    joined at the end of the epoch. On an idle machine the two agree for one worker.
+
+def rate(batches, batch_size: int, count: int) -> tuple[float, float]:
+    """(images per wall second from the first batch on, images per worker CPU-second) of one
+    pass of `count` batches.
+
+    The CPU figure is what the workers cost, whatever else runs on the machine: their CPU time
+    (psutil) from just before the pass to just after its last batch, before a per-pass worker
+    exits. Persistent workers idle between passes, so their start-up is not in it; a per-pass
+    forked worker's (small) start is. On an idle machine the two figures agree for one worker.
     """
-    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu0 = worker_cpu()
     it = iter(batches)
     next(it)
-    start, n = time.perf_counter(), 0
-    for _ in it:
-        n += batch_size
-    wall = n / (time.perf_counter() - start)
-    del it
-    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
-    return wall, (n + batch_size) / cpu
+    start = time.perf_counter()
+    for _ in range(count - 1):
+        next(it)
+    wall = (count - 1) * batch_size / (time.perf_counter() - start)
+    cpu = sum(t - cpu0.get(pid, 0.0) for pid, t in worker_cpu().items())
+    for _ in it:  # ends the pass cleanly
+        pass
+    return wall, count * batch_size / cpu
 
 
 def ladder_rate(shards, fn, as_float, batch) -> tuple[float, float]:
     stream = BenchStream(shards.urls, shards.counts, fn, as_float, batch)
-    return rate(DataLoader(stream, batch_size=None, num_workers=1, prefetch_factor=4), batch)
+    loader = DataLoader(stream, batch_size=None, num_workers=1, prefetch_factor=4)
+    return rate(loader, batch, shards.total // batch)
 
 
-def loader_rate(source: str, workers: int, batch: int) -> tuple[float, float]:
+def loader_rate(source: str, workers: int, batch: int, old: bool = False) -> tuple[float, float]:
+    """Our loader's second pass (the first starts its persistent workers); `old`: fork per pass."""
     cfg = DataConfig(train=source, image_size=SIZE, batch_size=batch, num_workers=workers,
                      shuffle_buffer=256, prefetch_factor=4)
-    return rate(make_train_loader(cfg, 0, 1), batch)
+    loader = (ForkPerPassLoader(resolve_source(source, "train"), cfg, 0, 1, True) if old
+              else make_train_loader(cfg, 0, 1))
+    try:
+        for epoch in (0, 1):
+            loader.set_epoch(epoch)
+            result = rate(loader, batch, len(loader))
+        return result
+    finally:
+        loader.close()
+
+
+class ForkPerPassLoader(StreamingLoader):
+    """The loader before persistent workers, for comparison only: a new DataLoader every pass,
+    its workers forked from this process (what hung a threaded training process)."""
+
+    def _batches(self, start: int):
+        if self.cfg.num_workers == 0:
+            return super()._batches(start)
+        stream = self._planner.stream(self.epoch, start)
+        return iter(DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
+                               prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False,
+                               multiprocessing_context="fork"))
+
+
+OLD_1 = "ours, real loader, original shards (old: fork per pass)"
+OLD_2 = "ours, real loader, original shards, 2 workers (old: fork per pass)"
+STARTUP_MODES = {
+    "fork per pass (old)": lambda cfg: ForkPerPassLoader(resolve_source(cfg.train, "train"), cfg, 0, 1, True),
+    "persistent spawn (new default)": lambda cfg: make_train_loader(cfg, 0, 1),
+    "persistent forkserver": lambda cfg: make_train_loader(cfg.model_copy(update={"mp_context": "forkserver"}),
+                                                           0, 1),
+}
+
+
+def timed_pass(loader, epoch: int) -> tuple[float, float]:
+    """(seconds from iter() to the first batch, seconds for the whole pass)."""
+    loader.set_epoch(epoch)
+    start = time.perf_counter()
+    it = iter(loader)
+    next(it)
+    first = time.perf_counter() - start
+    for _ in it:
+        pass
+    return first, time.perf_counter() - start
+
+
+def startup_costs(source: str, batch: int, epochs: int) -> dict[str, list[tuple[float, float]]]:
+    """Every mode's (first batch, whole pass) seconds for `epochs` passes, modes interleaved."""
+    cfg = DataConfig(train=source, image_size=SIZE, batch_size=batch, num_workers=2,
+                     shuffle_buffer=64, prefetch_factor=2)
+    loaders = {name: make(cfg) for name, make in STARTUP_MODES.items()}
+    times = {name: [] for name in loaders}
+    try:
+        for epoch in range(epochs):
+            for name, loader in loaders.items():
+                times[name].append(timed_pass(loader, epoch))
+    finally:
+        for loader in loaders.values():
+            loader.close()
+    return times
+
+
+def print_startup(times: dict, images: int, batches: int) -> None:
+    later_passes = len(next(iter(times.values()))) - 1
+    print(f"\nper-pass start-up, 2 workers, short epoch of {images} images ({batches} batches); "
+          f"seconds: first pass (starts persistent workers) | median of the {later_passes} later passes")
+    later = {}
+    for name, runs in times.items():
+        (first_ttfb, first_pass), rest = runs[0], runs[1:]
+        later[name] = (float(np.median([r[0] for r in rest])), float(np.median([r[1] for r in rest])))
+        print(f"  to 1st batch {first_ttfb:6.3f}, whole {first_pass:6.3f} | to 1st batch {later[name][0]:6.3f}, "
+              f"whole {later[name][1]:6.3f}  {name}")
+    old, new = later["fork per pass (old)"], later["persistent spawn (new default)"]
+    once = times["persistent spawn (new default)"][0][1] - old[1]
+    print(f"start-up per pass, old / new (later passes): time to first batch {old[0] / new[0]:.1f}x, "
+          f"whole short epoch {old[1] / new[1]:.2f}x; spawn's one-off cost {once:.1f} s is repaid after "
+          f"{max(once, 0) / max(old[1] - new[1], 1e-9):.0f} passes")
 
 
 def decode_share(shards, limit: int = 200) -> tuple[float, float]:
@@ -189,6 +290,9 @@ def main() -> None:
     parser.add_argument("--max-side", type=int, default=384)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--startup-images", type=int, default=128, help="short epoch of part 5")
+    parser.add_argument("--startup-epochs", type=int, default=8, help="passes per mode in part 5")
+    parser.add_argument("--startup-batch", type=int, default=8, help="batch of part 5 (small: start-up shows)")
     parser.add_argument("--workdir", default=str(ROOT / ".cache" / "bench_loader"))
     args = parser.parse_args()
     work = Path(args.workdir)
@@ -207,6 +311,8 @@ def main() -> None:
     jobs["ours, real loader, original shards"] = lambda: loader_rate(str(orig), 1, args.batch)
     jobs[f"ours, real loader, --max-side {args.max_side} shards"] = lambda: loader_rate(str(small), 1, args.batch)
     jobs["ours, real loader, original shards, 2 workers"] = lambda: loader_rate(str(orig), 2, args.batch)
+    jobs[OLD_1] = lambda: loader_rate(str(orig), 1, args.batch, old=True)
+    jobs[OLD_2] = lambda: loader_rate(str(orig), 2, args.batch, old=True)
     best = best_of(args.repeat, jobs)
     base_wall, base_cpu = best[LADDER[0][0]]
     print("\n1 worker process: images per worker CPU-second (x naive) | images per wall second (x naive)")
@@ -216,9 +322,17 @@ def main() -> None:
     one, two = best["ours, real loader, original shards"][0], best["ours, real loader, original shards, 2 workers"][0]
     print(f"\nworkers (wall clock, needs 2 idle cores): 1 -> {one:.1f} img/s, 2 -> {two:.1f} img/s: "
           f"{two / one:.2f}x; load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    (w1, c1), (w2, _), cpu_one = best[OLD_1], best[OLD_2], best["ours, real loader, original shards"][1]
+    print(f"persistent spawn workers vs the old fork per pass, same run: 1 worker {one / w1:.2f}x wall, "
+          f"{cpu_one / c1:.2f}x per worker CPU-second; 2 workers {two / w2:.2f}x wall")
     for label, s in (("original", shards), (f"--max-side {args.max_side}", small_shards)):
         share, ms = decode_share(s)
         print(f"JPEG decoding share of our per-image time ({label} shards): {100 * share:.0f}% of {ms:.2f} ms")
+    make_images(work / "short_src", args.startup_images)  # the first images of src, again
+    short = write_imagenet_shards(work / "short_src", work / "short", shard_size=args.startup_images // 4,
+                                  max_side=args.max_side, workers=2, progress=False)
+    times = startup_costs(str(short), args.startup_batch, args.startup_epochs)
+    print_startup(times, args.startup_images, args.startup_images // args.startup_batch)
     wall, cpu = best[f"ours, real loader, --max-side {args.max_side} shards"]
     print(f"--max-side {args.max_side} end-to-end (our loader on --max-side shards vs naive on original "
           f"shards, 1 worker): {cpu / base_cpu:.2f}x per worker CPU-second ({wall / base_wall:.2f}x wall)")

@@ -3,18 +3,23 @@
 The rank and world size are passed in (the trainer reads them from torch.distributed); this
 module never talks to other ranks. Equal batch counts on every rank follow from the planning
 rule in `data.plan`, which every rank evaluates identically.
+
+Worker processes are started once per loader, on its first pass, and kept until `close()`: a
+training process holds many threads (Ray, wandb, gloo), and starting workers per pass, by fork,
+once hung a run (the child deadlocked inside fork on a lock another thread held).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch.multiprocessing
 from torch.utils.data import DataLoader
 
 from data.config import DataConfig
-from data.plan import plan_train, plan_val, train_batches, val_batches
+from data.plan import train_batches, val_batches
 from data.sources import ShardSet, resolve_source
-from data.stream import EpochStream, StreamSpec
+from data.stream import EpochCursor, EpochPlanner, RunStream, StreamSpec
 
 STATE_VERSION = 1
 
@@ -36,6 +41,11 @@ class StreamingLoader:
 
     `bad_samples` counts unreadable samples this rank met (a metric): in training their slot is
     filled by another sample of the same batch; in validation it is marked valid=False.
+
+    With `num_workers` > 0 the worker processes start on the first iteration and serve every
+    later one (`cfg.mp_context`, spawn by default); `close()` stops them (the training code calls
+    it at the end of a run; garbage collection does it too). One iteration at a time: starting a
+    new one abandons the previous, whose generator then raises if resumed.
     """
 
     def __init__(self, shards: ShardSet, cfg: DataConfig, rank: int, world_size: int, train: bool):
@@ -44,6 +54,9 @@ class StreamingLoader:
         self.num_workers = max(1, cfg.num_workers)  # logical workers; 0 means one, in-process
         self.epoch, self.position, self.bad_samples = 0, 0, 0
         self._resume_at: int | None = None
+        self._planner = self._make_planner()
+        self._workers: _WorkerPool | None = None  # started by the first pass with num_workers > 0
+        self._pass = 0  # counts iterations; an abandoned one must not be resumed
         count = train_batches if train else val_batches
         self.batches = count(shards.total, world_size, cfg.batch_size)
         if self.batches == 0:
@@ -72,41 +85,46 @@ class StreamingLoader:
             self._resume_at = None
         self.epoch = int(epoch)
 
-    def _plans(self):
+    def _make_planner(self) -> EpochPlanner:
         c = self.cfg
-        if self.train:
-            return plan_train(self.shards.urls, self.shards.counts, self.rank, self.world_size,
-                              self.num_workers, c.batch_size, c.seed, self.epoch)
-        return plan_val(self.shards.urls, self.shards.counts, self.rank, self.world_size,
-                        self.num_workers, c.batch_size)
-
-    def _spec(self) -> StreamSpec:
-        c = self.cfg
-        return StreamSpec(
+        spec = StreamSpec(
             train=self.train, batch_size=c.batch_size, image_size=c.image_size, transform=c.transform,
             crop_fraction=c.val_crop_fraction, shuffle_buffer=c.shuffle_buffer, seed=c.seed,
-            epoch=self.epoch, rank=self.rank, max_bad_fraction=c.max_bad_fraction,
+            epoch=0, rank=self.rank, max_bad_fraction=c.max_bad_fraction,
             shard_counts=dict(zip(self.shards.urls, self.shards.counts)), num_classes=self.num_classes)
+        return EpochPlanner(tuple(self.shards.urls), tuple(self.shards.counts), self.world_size,
+                            self.num_workers, spec)
 
     def _batches(self, start: int):
-        stream = EpochStream(self._plans(), self._spec(), start)
         if self.cfg.num_workers == 0:
-            return iter(stream)
-        # Workers are forked per epoch (the plan is baked into the dataset object they receive).
-        return iter(DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
-                               prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False,
-                               pin_memory=self.cfg.pin_memory,
-                               multiprocessing_context=self.cfg.mp_context))
+            return iter(self._planner.stream(self.epoch, start))
+        if self._workers is None:
+            self._workers = _WorkerPool(self._planner, self.cfg)
+        return self._workers.play(self.epoch, start)
 
     def __iter__(self):
         start, self._resume_at = (self._resume_at or 0), None
-        self.position = start
-        for images, labels, valid, (worker, index, bad) in self._batches(start):
-            assert worker == self.position % self.num_workers and index == self.position // self.num_workers, \
-                f"batch order broken: got worker {worker} batch {index} at position {self.position}"
-            self.position += 1
-            self.bad_samples += bad
-            yield (images, labels) if self.train else (images, labels, valid)
+        self._pass += 1
+        this_pass, self.position = self._pass, start
+        try:
+            for images, labels, valid, (worker, index, bad) in self._batches(start):
+                assert worker == self.position % self.num_workers and index == self.position // self.num_workers, \
+                    f"batch order broken: got worker {worker} batch {index} at position {self.position}"
+                self.position += 1
+                self.bad_samples += bad
+                yield (images, labels) if self.train else (images, labels, valid)
+                if self._pass != this_pass:  # the workers now serve the newer pass
+                    raise RuntimeError("this loader was iterated again; an abandoned iteration cannot go on")
+        except Exception:
+            if self._pass == this_pass:
+                self.close()  # torch's iterator state is unknown after a failed pass: fresh workers next time
+            raise
+
+    def close(self) -> None:
+        """Stop the worker processes (if any). Idempotent; a later iteration starts new ones."""
+        workers, self._workers = self._workers, None
+        if workers is not None:
+            workers.close()
 
     def _fingerprint(self) -> dict[str, Any]:
         c = self.cfg
@@ -134,6 +152,35 @@ class StreamingLoader:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self.bad_samples = int(state.get("bad_samples", 0))
         self._resume_at = self.position
+
+
+class _WorkerPool:
+    """One loader's worker processes, started on the first pass and kept for the whole run.
+
+    A single DataLoader with persistent workers over a `RunStream`: before each pass the main
+    process writes (epoch, start) into the shared cursor, then `iter()` makes torch start the
+    workers (first pass) or tell them that a new pass begins (every later one).
+    """
+
+    def __init__(self, planner: EpochPlanner, cfg: DataConfig):
+        ctx = torch.multiprocessing.get_context(cfg.mp_context)
+        self.cursor = EpochCursor(ctx)  # created before the workers start: they inherit it
+        self.loader = DataLoader(RunStream(planner, self.cursor), batch_size=None, num_workers=cfg.num_workers,
+                                 prefetch_factor=cfg.prefetch_factor, persistent_workers=True,
+                                 pin_memory=cfg.pin_memory, multiprocessing_context=ctx)
+        self.iterator = None
+
+    def play(self, epoch: int, start: int):
+        self.cursor.set(epoch, start)
+        self.iterator = iter(self.loader)  # the same torch iterator every pass (persistent workers)
+        return self.iterator
+
+    def close(self) -> None:
+        iterator, self.iterator = self.iterator, None
+        if iterator is not None:
+            # torch's own shutdown (what the iterator's __del__ runs), made deterministic: stop
+            # the workers, join them, kill any that do not exit.
+            iterator._shutdown_workers()
 
 
 def _check_rank(rank: int, world_size: int) -> None:

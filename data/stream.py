@@ -4,18 +4,21 @@ Everything a worker does is a function of (plan, seed, epoch, rank, batch index)
 long it has been running, so a resumed worker produces exactly the batches an uninterrupted one
 would have: the shuffle order is precomputed over positions (`plan.buffer_order`), and every
 batch draws its augmentation from a generator seeded by its own index.
+
+Workers live for the whole run (`RunStream`): each pass they rebuild their plan from the
+(epoch, start) that the main process wrote into an `EpochCursor` just before the pass began.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from data.decode import decode_crop, decode_full
-from data.plan import WorkerPlan, batches_done, buffer_order
+from data.plan import WorkerPlan, batches_done, buffer_order, plan_train, plan_val
 from data.tario import read_range
 from data.transforms import centre_crop_box, pad_crop, pad_crop_offsets, random_resized_crop_box
 
@@ -149,7 +152,10 @@ class EpochStream(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        physical = info.id if info is not None else 0
+        return self.worker_batches(info.id if info is not None else 0)
+
+    def worker_batches(self, physical: int):
+        """The batches DataLoader worker `physical` serves (in-process: worker 0)."""
         # The DataLoader asks physical workers round-robin from worker 0; rotating the plans makes
         # physical worker 0 serve the plan that owns batch `start`, so a resumed epoch keeps order.
         plan = self.plans[(physical + self.start) % len(self.plans)]
@@ -244,3 +250,64 @@ class _Reserve:
                 if len(found) == self.spec.batch_size:
                     return found
         return found
+
+
+@dataclass(frozen=True)
+class EpochPlanner:
+    """What fixes every epoch of one rank's loader, small and picklable: turned into the epoch's
+    `EpochStream` at the start of each pass, in each worker (or in-process with num_workers=0)."""
+
+    urls: tuple[str, ...]
+    counts: tuple[int, ...]
+    world_size: int
+    num_workers: int  # logical workers, i.e. plans per epoch
+    spec: StreamSpec  # its `epoch` is replaced by the pass's epoch
+
+    def plans(self, epoch: int) -> list[WorkerPlan]:
+        s, urls, counts = self.spec, list(self.urls), list(self.counts)
+        if s.train:
+            return plan_train(urls, counts, s.rank, self.world_size, self.num_workers, s.batch_size, s.seed, epoch)
+        return plan_val(urls, counts, s.rank, self.world_size, self.num_workers, s.batch_size)
+
+    def stream(self, epoch: int, start: int) -> EpochStream:
+        """Epoch `epoch` from its batch `start` on."""
+        return EpochStream(self.plans(epoch), replace(self.spec, epoch=epoch), start)
+
+
+class EpochCursor:
+    """(epoch, first batch) of the next pass in shared memory: the main process writes it before
+    each pass, the workers read it when the pass begins.
+
+    Made from the DataLoader's own multiprocessing context: a lock created under one start method
+    cannot be handed to processes started by another.
+    """
+
+    def __init__(self, ctx):
+        self._values = ctx.Array("q", 2)  # int64 epoch, start; the lock keeps the pair consistent
+
+    def set(self, epoch: int, start: int) -> None:
+        with self._values.get_lock():
+            self._values[0], self._values[1] = epoch, start
+
+    def get(self) -> tuple[int, int]:
+        with self._values.get_lock():
+            return int(self._values[0]), int(self._values[1])
+
+
+class RunStream(IterableDataset):
+    """The dataset that persistent workers hold for the whole run.
+
+    torch calls `iter()` on it in each worker when the worker starts, and again when a new pass
+    begins (`iter(loader)` sends every worker a `_ResumeIteration`, after the main process set the
+    cursor). The cursor is read right there, not lazily, so each pass plays its own (epoch, start).
+    Batches of an abandoned pass that were still prefetched are dropped by torch before the new
+    pass yields anything (`_MultiProcessingDataLoaderIter._reset` waits for every worker's
+    acknowledgement and discards what arrives before it).
+    """
+
+    def __init__(self, planner: EpochPlanner, cursor: EpochCursor):
+        self.planner, self.cursor = planner, cursor
+
+    def __iter__(self):
+        epoch, start = self.cursor.get()
+        return iter(self.planner.stream(epoch, start))

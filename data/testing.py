@@ -2,6 +2,8 @@
 
 `write_indexed_shards` writes tar shards where sample i of the split carries label i, so a test
 can recover exactly which samples a loader delivered (on any rank, in any order) from the labels.
+`in_process_batches` plays a loader's epoch without worker processes, as the reference that any
+start method and any history of the workers must reproduce.
 """
 
 from __future__ import annotations
@@ -82,3 +84,16 @@ def write_imagenet_like_tree(root: Path, wnids=("n02", "n01", "n03"), per_class=
         rows = [f"ILSVRC2012_val_{i:08d},{w} 1 2 3 4" for i, w in enumerate(sorted(wnids) * 2)]
         (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "\n".join(rows) + "\n")
     return root
+
+
+def in_process_batches(loader, epoch: int) -> list[tuple]:
+    """Epoch `epoch` of `loader` played in this process, its logical workers interleaved the way
+    the DataLoader interleaves them (batch j from worker j % W): exactly what the loader itself
+    must yield for that epoch, with worker processes or without."""
+    stream = loader._planner.stream(epoch, 0)
+    workers = [stream.worker_batches(w) for w in range(loader.num_workers)]
+    out = []
+    for j in range(len(loader)):
+        images, labels, valid, _ = next(workers[j % len(workers)])
+        out.append((images, labels) if loader.train else (images, labels, valid))
+    return out

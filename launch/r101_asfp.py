@@ -36,6 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-failures", type=int, default=None, help="worker-group restarts Ray may do")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--smoke", action="store_true", help="local Ray, synthetic shards, small ResNet-101 on CPU")
+    p.add_argument("--verbose", action="store_true", help="also show Ray's own logging (every report, checkpoint)")
     p.add_argument("overrides", nargs="*", help="extra section.field=value overrides")
     return p.parse_args(argv)
 
@@ -64,6 +65,7 @@ def build_config(args: argparse.Namespace):
         "scaling.workers": workers, "scaling.gpus_per_worker": args.gpus_per_worker,
         "scaling.cpus_per_worker": args.cpus_per_worker, "scaling.zero_stage": args.zero_stage,
         "scaling.precision": args.precision, "scaling.max_failures": args.max_failures, "epochs": args.epochs,
+        "tracking.verbose": True if args.verbose else None,
     }
     if args.smoke and not args.data:
         train, val = smoke_shards(ROOT / ".cache" / "smoke_shards")
@@ -84,7 +86,8 @@ def _default_env() -> None:
     """Keep caches, wandb files and temp dirs inside the checkout unless the user chose otherwise."""
     cache = ROOT / ".cache"
     for key, sub in (("TORCH_EXTENSIONS_DIR", "torch_extensions"), ("WANDB_DIR", "wandb"),
-                     ("WANDB_CACHE_DIR", "wandb"), ("WANDB_CONFIG_DIR", "wandb"), ("MPLCONFIGDIR", "matplotlib"),
+                     ("WANDB_CACHE_DIR", "wandb"), ("WANDB_CONFIG_DIR", "wandb"), ("WANDB_DATA_DIR", "wandb"),
+                     ("MPLCONFIGDIR", "matplotlib"),
                      ("TMPDIR", "tmp")):
         if key not in os.environ:
             (cache / sub).mkdir(parents=True, exist_ok=True)

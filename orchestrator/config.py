@@ -106,6 +106,8 @@ class TrackingConfig(_Section):
     entity: str | None = None
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     log_every: int = Field(20, ge=1)  # steps between training-loss logs
+    print_every_s: float = Field(60.0, gt=0)  # within a long epoch, a progress line this often
+    verbose: bool = False  # also show Ray's own per-report and checkpoint logging
     tags: list[str] = []
 
 

@@ -55,7 +55,7 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
 def worker_env() -> dict[str, str]:
     """Environment every worker gets: quiet, caches kept where the driver keeps them."""
     keep = ("TORCH_EXTENSIONS_DIR", "WANDB_DIR", "WANDB_MODE", "WANDB_API_KEY", "WANDB_CACHE_DIR",
-            "WANDB_CONFIG_DIR", "WANDB_SILENT", "TMPDIR", "DS_ACCELERATOR", "MPLCONFIGDIR", "PYTHONPATH",
+            "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_SILENT", "TMPDIR", "DS_ACCELERATOR", "MPLCONFIGDIR", "PYTHONPATH",
             "SOFTPRUNE_FAULTS")
     env = {k: os.environ[k] for k in keep if k in os.environ}
     env.setdefault("WANDB_X_DISABLE_STATS", "true")
@@ -63,9 +63,14 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+def verbose(cfg: TrainConfig) -> bool:
+    """Ray's own chatter on the console: `tracking.verbose=true` or SOFTPRUNE_VERBOSE=1."""
+    return cfg.tracking.verbose or os.environ.get("SOFTPRUNE_VERBOSE", "") not in ("", "0")
+
+
 def make_trainer(cfg: TrainConfig):
     """The TorchTrainer for `cfg` (nothing started yet)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from .trainer import train_loop_per_worker
@@ -86,6 +91,9 @@ def make_trainer(cfg: TrainConfig):
             failure_config=FailureConfig(max_failures=s.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             worker_runtime_env={"env_vars": worker_env()},
+            # Ray Train's INFO lines (every report of every rank, every checkpoint) drown the
+            # progress lines; they stay in Ray's log files either way.
+            logging_config=LoggingConfig(log_level="INFO" if verbose(cfg) else "WARNING"),
         ),
     )
 

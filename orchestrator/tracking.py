@@ -40,8 +40,9 @@ def _logged_in() -> bool:
     try:
         import wandb
 
-        return bool(wandb.api.api_key)
-    except Exception:  # no netrc, no settings file: not logged in
+        # reads WANDB_API_KEY, settings files and .netrc; no prompt, no call to the server
+        return bool(wandb.login(prompt=False, verify=False))
+    except Exception:  # unreadable settings: treat as not logged in
         return False
 
 

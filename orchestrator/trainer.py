@@ -18,6 +18,7 @@ from .algorithms import make_algorithm
 from .config import TrainConfig
 from .engine import init_distributed, lr_at, set_lr
 from .evaluation import to_input
+from .progress import Progress
 from .worker import Run
 
 
@@ -42,7 +43,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def setup_worker(cfg: TrainConfig) -> None:
-    """Threads, the distributed backend (adopting Ray's gloo/nccl group), seeds."""
+    """Threads, the distributed backend (adopting Ray's gloo/nccl group), seeds, quiet logs."""
+    if not cfg.tracking.verbose and not os.environ.get("SOFTPRUNE_VERBOSE", "").strip("0"):
+        quiet_report_logging()
     for key in ("TMPDIR", "WANDB_DIR", "TORCH_EXTENSIONS_DIR"):  # driver paths may not exist on this node
         if os.environ.get(key):
             os.makedirs(os.environ[key], exist_ok=True)
@@ -54,36 +57,52 @@ def setup_worker(cfg: TrainConfig) -> None:
     torch.manual_seed(cfg.seed)  # same init on every rank; DeepSpeed also broadcasts rank 0's weights
 
 
+def quiet_report_logging() -> None:
+    """Ray Train logs every report of every rank at INFO ("Reporting training result N: ..."),
+    under a logger named after its file, which RunConfig's logging level does not reach."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: its logging stays as it is
+        return
+    context.logger.setLevel(logging.WARNING)
+
+
 def train(run: Run) -> None:
     """The loop. Every rank runs the same sequence of collectives."""
     cfg, state = run.cfg, run.state
     if state.finished:
         return
     algo = make_algorithm(cfg)
-    slow = cfg.watchdog.checkpoint_timeout_s  # events that evaluate, compact or write outputs
-    with watchdog.phase("pruning event", slow):
-        algo.on_train_start(run)
+    progress = Progress(cfg.total_epochs, state.epoch, run.rank == 0, cfg.tracking.print_every_s)
+    event(algo.on_train_start, run)
     while state.epoch < cfg.total_epochs:
-        with watchdog.phase("pruning event", slow):
-            algo.on_epoch_start(run)
-        epoch_metrics = train_epoch(run, algo)
-        with watchdog.phase("pruning event", slow):
-            algo.on_epoch_end(run)
+        event(algo.on_epoch_start, run)
+        epoch_metrics = train_epoch(run, algo, progress)
+        event(algo.on_epoch_end, run)
         run.last_eval = run.evaluate()  # sync point (all-reduce of the counts)
         state.history.append(dict(epoch=state.epoch, **epoch_metrics, **{f"val_{k}": v for k, v in run.last_eval.items()}))
         run.logger.log({"epoch": state.epoch, **{f"epoch/{k}": v for k, v in epoch_metrics.items()},
                         **{f"val/{k}": v for k, v in run.last_eval.items()}})
+        progress.epoch(state.epoch, epoch_metrics, run.last_eval, run.prune_summary())
         state.epoch, state.step = state.epoch + 1, 0
         run.checkpoint({**epoch_metrics, **{f"val_{k}": v for k, v in run.last_eval.items()}})  # sync point
         if cfg.stop_after_epoch is not None and state.epoch > cfg.stop_after_epoch:
             return  # a planned stop; the same command resumes at the next epoch
-    with watchdog.phase("finalize", slow):
-        algo.on_finish(run)
+    event(algo.on_finish, run)
     state.finished = True
     run.checkpoint({"finished": 1})  # sync point; marks the run done for a re-launch
 
 
-def train_epoch(run: Run, algo) -> dict[str, float]:
+def event(handler, run: Run) -> None:
+    """One algorithm event, watched with the long deadline: events may evaluate, compact and
+    write outputs."""
+    with watchdog.phase(f"algorithm event {handler.__name__}", run.cfg.watchdog.checkpoint_timeout_s):
+        handler(run)
+
+
+def train_epoch(run: Run, algo, progress: Progress) -> dict[str, float]:
     """One pass over this rank's training shards (resuming mid-epoch after a restart)."""
     cfg, state, engine = run.cfg, run.state, run.engine
     loader = run.train_loader
@@ -106,11 +125,14 @@ def train_epoch(run: Run, algo) -> dict[str, float]:
         faults.inject("train", run.rank, state.global_step)
         watchdog.beat()
         algo.on_step_end(run)
-        if state.global_step % cfg.tracking.log_every == 0:
-            run.logger.log({"train/loss": float(loss), "train/lr": engine.optimizer.param_groups[0]["lr"],
+        lr = engine.optimizer.param_groups[0]["lr"]
+        if state.global_step % cfg.tracking.log_every == 0:  # float(): a host sync, only when logging
+            run.logger.log({"train/loss": float(loss.detach()), "train/lr": lr,
                             "epoch": state.epoch + state.step / steps}, step=state.global_step)
+        if progress.due():  # rank 0 only, at most once a minute by default
+            progress.step(state.epoch, state.step, steps, float(loss.detach()), lr)
         if cfg.checkpoint.every_steps and state.global_step % cfg.checkpoint.every_steps == 0 and state.step < steps:
-            run.checkpoint({"train_loss": float(loss)})  # sync point: every rank reaches the same step
+            run.checkpoint({"train_loss": float(loss.detach())})  # sync point: every rank reaches the same step
     elapsed = time.perf_counter() - start
     return {"train_loss": float(loss_sum) / max(done, 1), "epoch_seconds": elapsed,
             "img_per_s": seen * run.world / max(elapsed, 1e-9), "step_seconds": elapsed / max(done, 1),

@@ -159,6 +159,14 @@ class Run:
         finally:
             model.cpu()
 
+    def prune_summary(self) -> dict[str, float | None]:
+        """The latest pruning rate and the fraction of the dense MACs the masks keep (for the
+        progress line); None before any mask event."""
+        events, dense = self.state.mask_history, (self.state.dense_counts or {}).get("macs")
+        rates = [e["rate"] for e in events if e.get("rate") is not None]
+        macs = events[-1].get("macs") if events else None
+        return {"rate": rates[-1] if rates else None, "macs_kept": macs / dense if macs and dense else None}
+
     def stage(self, name: str, metrics: dict[str, Any]) -> None:
         """Record an evaluation stage (soft, hard, recalibrated, ...) for report.json and wandb."""
         self.state.stages[name] = dict(metrics, epoch=self.state.epoch)
@@ -187,5 +195,9 @@ class Run:
             shutil.rmtree(local, ignore_errors=True)
 
     def close(self) -> None:
+        """End the run on this worker: loader processes, the wandb run, the scratch directory."""
+        for loader in (self.train_loader, self.val_loader):
+            if loader is not None:
+                loader.close()
         self.logger.finish()
         shutil.rmtree(self.work, ignore_errors=True)

@@ -16,6 +16,7 @@ _ENV = {
     "WANDB_DIR": CACHE / "wandb",
     "WANDB_CACHE_DIR": CACHE / "wandb",
     "WANDB_CONFIG_DIR": CACHE / "wandb",
+    "WANDB_DATA_DIR": CACHE / "wandb",
     "TMPDIR": CACHE / "tmp",
 }
 for key, path in _ENV.items():

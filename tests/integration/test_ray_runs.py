@@ -210,7 +210,8 @@ def test_a_stalled_rank_fails_and_the_run_resumes_and_finishes(ray_cluster, shar
     marker = tmp_path / "stalled_once"
     monkeypatch.setenv("SOFTPRUNE_FAULTS", f"stall:rank=1:at=train:step=7:seconds=600:once={marker}")
     cfg = _config(shards, tmp_path, "stalled", **{"scaling.max_failures": 1, "checkpoint.every_steps": 2,
-                                                  "epochs": 2, "watchdog.timeout_s": 8, "watchdog.grace_s": 5})
+                                                  "epochs": 2, "watchdog.timeout_s": 8, "watchdog.grace_s": 5,
+                                                  "data.num_workers": 1})  # loader processes under Ray too
     summary = run_training(cfg)
     assert marker.read_text().startswith("rank 1 at train step 7")  # the stall really happened
     report = summary["report"]

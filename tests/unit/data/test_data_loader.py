@@ -49,28 +49,31 @@ def test_epochs_reshuffle_and_runs_repeat(shards):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-@pytest.mark.parametrize("stop_after", [1, 5])
-def test_mid_epoch_resume_yields_what_an_uninterrupted_run_would(shards, workers, stop_after):
+def test_mid_epoch_resume_yields_what_an_uninterrupted_run_would(shards, workers):
     cfg = _cfg(shards, num_workers=workers, transform="imagenet")
-    full = make_train_loader(cfg, 0, 1)
-    full.set_epoch(2)
-    expected = list(full)
-    interrupted = make_train_loader(cfg, 0, 1)
-    interrupted.set_epoch(2)
-    for step, _ in enumerate(interrupted, 1):
-        if step == stop_after:
-            break
-    state = json.loads(json.dumps(interrupted.state_dict()))  # must survive JSON
-    assert state["position"] == stop_after and state["epoch"] == 2
-    resumed = make_train_loader(cfg, 0, 1)
-    resumed.load_state_dict(state)
-    resumed.set_epoch(2)
-    rest = list(resumed)
-    assert len(rest) == len(expected) - stop_after
-    for (xa, ya), (xb, yb) in zip(expected[stop_after:], rest):
-        assert torch.equal(ya, yb) and torch.equal(xa, xb)
-    resumed.set_epoch(3)  # the next epoch starts from its first batch
-    assert len(list(resumed)) == len(expected)
+    run = make_train_loader(cfg, 0, 1)
+    resumed = make_train_loader(cfg, 0, 1)  # a new run; its second resume finds its workers running
+    try:
+        run.set_epoch(2)
+        expected = list(run)
+        for stop_after in (1, 5):
+            run.set_epoch(2)
+            for step, _ in enumerate(run, 1):
+                if step == stop_after:
+                    break
+            state = json.loads(json.dumps(run.state_dict()))  # must survive JSON
+            assert state["position"] == stop_after and state["epoch"] == 2
+            resumed.load_state_dict(state)
+            resumed.set_epoch(2)
+            rest = list(resumed)
+            assert len(rest) == len(expected) - stop_after
+            for (xa, ya), (xb, yb) in zip(expected[stop_after:], rest):
+                assert torch.equal(ya, yb) and torch.equal(xa, xb)
+        resumed.set_epoch(3)  # the next epoch starts from its first batch
+        assert len(list(resumed)) == len(expected)
+    finally:
+        run.close()
+        resumed.close()
 
 
 def test_resume_refuses_changed_settings(shards):
@@ -91,6 +94,7 @@ def test_val_sees_every_sample_once_and_flags_padding(shards):
     for rank in range(3):
         loader = make_val_loader(_cfg(shards, num_workers=2), rank, 3)
         batches = list(loader)
+        loader.close()
         counts.add(len(batches))
         for _, labels, valid in batches:
             seen += labels[valid].tolist()
