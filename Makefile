@@ -2,13 +2,8 @@
 PY ?= python3
 VENV := .venv
 export PIP_CACHE_DIR := $(CURDIR)/.cache/pip
-export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
-export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
-export WANDB_DIR := $(CURDIR)/.cache/wandb
-export WANDB_CACHE_DIR := $(CURDIR)/.cache/wandb
-export WANDB_CONFIG_DIR := $(CURDIR)/.cache/wandb
-export WANDB_DATA_DIR := $(CURDIR)/.cache/wandb
-export DS_ACCELERATOR := cpu
+# The Python entry points (launch scripts, tests, benchmarks) point the other caches, temp dirs and
+# wandb files into .cache/ themselves: orchestrator/env.py.
 
 .PHONY: setup test smoke clean
 

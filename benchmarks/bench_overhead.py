@@ -130,7 +130,8 @@ def run_ray(args, lean: bool = False) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from orchestrator.driver import default_ray_temp_dir, worker_env
+    from orchestrator.driver import default_ray_temp_dir
+    from orchestrator.env import worker_env
 
     if lean:  # no dashboard and no metrics export: the local cluster's control plane at its smallest
         os.environ["RAY_enable_metrics_collection"] = "0"
@@ -153,13 +154,9 @@ def run_ray(args, lean: bool = False) -> dict:
 
 def _keep_files_in_repo() -> None:
     """Temp dirs, JIT builds and Ray's files go to the checkout's .cache, not $HOME or /tmp."""
-    for key, sub in (("TMPDIR", "tmp"), ("TORCH_EXTENSIONS_DIR", "torch_extensions")):
-        path = ROOT / ".cache" / sub
-        path.mkdir(parents=True, exist_ok=True)
-        os.environ.setdefault(key, str(path))
-    tempfile.tempdir = None  # re-read TMPDIR
-    for key, value in (("DS_ACCELERATOR", "cpu"), ("RAY_AUTH_MODE", "disabled"), ("RAY_USAGE_STATS_ENABLED", "0")):
-        os.environ.setdefault(key, value)
+    from orchestrator.env import set_defaults
+
+    set_defaults({"DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "disabled"})
 
 
 def main() -> int:

@@ -31,16 +31,10 @@ WORK = CACHE / "drill_soak"
 
 
 def cache_env() -> None:
-    """Caches, temp dirs and wandb's files inside the checkout's .cache (as the Makefile does)."""
-    for key, sub in (("TORCH_EXTENSIONS_DIR", "torch_extensions"), ("WANDB_DIR", "wandb"),
-                     ("WANDB_CACHE_DIR", "wandb"), ("WANDB_CONFIG_DIR", "wandb"), ("WANDB_DATA_DIR", "wandb"),
-                     ("MPLCONFIGDIR", "matplotlib"), ("TMPDIR", "tmp")):
-        (CACHE / sub).mkdir(parents=True, exist_ok=True)
-        os.environ[key] = str(CACHE / sub)
-    for key, value in (("WANDB_MODE", "offline"), ("WANDB_SILENT", "true"), ("WANDB_X_DISABLE_STATS", "true"),
-                       ("DS_ACCELERATOR", "cpu"), ("RAY_USAGE_STATS_ENABLED", "0"),
-                       ("RAY_TRAIN_ENABLE_PRINT_PATCH", "0"), ("RAY_AUTH_MODE", "disabled")):
-        os.environ.setdefault(key, value)
+    """Caches, temp dirs and wandb's files inside the checkout's .cache; wandb offline."""
+    from orchestrator.env import set_defaults
+
+    set_defaults({"WANDB_MODE": "offline", "DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "disabled"})
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -7,8 +7,10 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pruning.config import COMPACT_MODES
+
     parser.add_argument("run_dir", help="<storage>/<name> of a run, or one checkpoint directory in it")
-    parser.add_argument("--mode", choices=["hard", "faithful"], default="hard")
+    parser.add_argument("--mode", choices=COMPACT_MODES, default="hard")
     parser.add_argument("--out", default=None, help="output directory (default: RUN_DIR/compact-<mode>)")
 
 

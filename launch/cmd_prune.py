@@ -11,19 +11,21 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pruning.config import COMPACT_MODES, CRITERIA, POLICIES, SCOPES  # the config's own values
+
     parser.add_argument("--model", required=True, help="registered model name (e.g. resnet56)")
     parser.add_argument("--weights", help="dense state dict (.safetensors, .pt or .pth); default: fresh init")
     parser.add_argument("--num-classes", type=int, help="classifier width (default: the family's)")
-    parser.add_argument("--policy", choices=("sfp", "coupled", "pfec"), default="sfp")
+    parser.add_argument("--policy", choices=POLICIES, default="sfp")
     parser.add_argument("--preset", help="PFEC configuration, e.g. resnet56-B (needs --policy pfec)")
-    parser.add_argument("--criterion", choices=("l1", "l2", "fpgm"), default="l2")
+    parser.add_argument("--criterion", choices=CRITERIA, default="l2")
     parser.add_argument("--rate", type=float, default=0.3, help="fraction of filters pruned, in [0, 1)")
-    parser.add_argument("--scope", choices=("layer", "global"), default="layer")
+    parser.add_argument("--scope", choices=SCOPES, default="layer")
     parser.add_argument("--min-keep", type=int, default=1)
     parser.add_argument("--round-to", type=int, default=1, help="round kept counts up to a multiple")
     parser.add_argument("--include", action="append", default=[], help="fnmatch pattern on conv names")
     parser.add_argument("--exclude", action="append", default=[], help="fnmatch pattern on conv names")
-    parser.add_argument("--mode", choices=("hard", "faithful"), default="hard",
+    parser.add_argument("--mode", choices=COMPACT_MODES, default="hard",
                         help="hard: reproduce the hard-masked model; faithful: the soft-masked one")
     parser.add_argument("--input-size", type=int, help="input size recorded and counted (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of a fresh initialisation")

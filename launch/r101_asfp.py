@@ -12,7 +12,6 @@ Running the same command again with the same --name and --storage resumes the ru
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,8 @@ if str(ROOT) not in sys.path:  # `python launch/r101_asfp.py` (also under ray jo
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from orchestrator.config import PRECISIONS, ZERO_STAGES  # the config's own values
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", help="train shard source (manifest path/URL, pipe:..., brace-expanded URLs)")
     p.add_argument("--val", help="validation shard source")
@@ -31,8 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=None, help="Ray Train workers (default 8; smoke 2)")
     p.add_argument("--gpus-per-worker", type=float, default=None)
     p.add_argument("--cpus-per-worker", type=float, default=None)
-    p.add_argument("--zero-stage", type=int, choices=[0, 1, 2], default=None)
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
+    p.add_argument("--zero-stage", type=int, choices=ZERO_STAGES, default=None)
+    p.add_argument("--precision", choices=PRECISIONS, default=None)
     p.add_argument("--max-failures", type=int, default=None, help="worker-group restarts Ray may do")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--smoke", action="store_true", help="local Ray, synthetic shards, small ResNet-101 on CPU")
@@ -83,20 +84,11 @@ def build_config(args: argparse.Namespace):
 
 
 def _default_env() -> None:
-    """Keep caches, wandb files and temp dirs inside the checkout unless the user chose otherwise."""
-    cache = ROOT / ".cache"
-    for key, sub in (("TORCH_EXTENSIONS_DIR", "torch_extensions"), ("WANDB_DIR", "wandb"),
-                     ("WANDB_CACHE_DIR", "wandb"), ("WANDB_CONFIG_DIR", "wandb"), ("WANDB_DATA_DIR", "wandb"),
-                     ("MPLCONFIGDIR", "matplotlib"),
-                     ("TMPDIR", "tmp")):
-        if key not in os.environ:
-            (cache / sub).mkdir(parents=True, exist_ok=True)
-            os.environ[key] = str(cache / sub)
-    # DS_ACCELERATOR is left to each worker (orchestrator.engine): the driver may run on a CPU-only
-    # head node while the workers have GPUs.
-    for key, value in (("WANDB_X_DISABLE_STATS", "true"), ("WANDB_SILENT", "true"),
-                       ("RAY_USAGE_STATS_ENABLED", "0"), ("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")):
-        os.environ.setdefault(key, value)
+    """Keep caches, wandb files and temp dirs inside the checkout unless the user chose otherwise.
+    DS_ACCELERATOR is left to each worker: the driver may run on a CPU-only head node."""
+    from orchestrator.env import set_defaults
+
+    set_defaults()
 
 
 def main(argv: list[str] | None = None) -> int:

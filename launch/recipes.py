@@ -1,7 +1,8 @@
 """Recipes: Python functions that return a config tree (a dict that validates into TrainConfig).
 
 Use them with `softprune train launch.recipes:NAME [a.b=value ...]`, or from launch scripts.
-The hyper-parameters are the papers' (PAPERS.md): SFP/ASFP (He et al.) and PFEC (Li et al.).
+The hyper-parameters are the papers': SFP/ASFP (He et al., arXiv 1808.06866 and 1808.07471) and
+PFEC (Li et al., ICLR 2017).
 Data sources are left unset; pass `data.train=... data.val=...`.
 """
 

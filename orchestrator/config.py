@@ -13,7 +13,7 @@ import importlib
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -75,6 +75,11 @@ class CheckpointConfig(_Section):
     keep: int = Field(2, ge=1)
 
 
+ZeroStage = Literal[0, 1, 2]
+Precision = Literal["fp32", "bf16", "fp16"]
+ZERO_STAGES, PRECISIONS = get_args(ZeroStage), get_args(Precision)
+
+
 class ScalingConfig(_Section):
     """Workers and what each one gets; ZeRO stage and precision go into the DeepSpeed config."""
 
@@ -82,8 +87,8 @@ class ScalingConfig(_Section):
     gpus_per_worker: float = Field(0.0, ge=0)
     cpus_per_worker: float = Field(1.0, gt=0)
     threads_per_worker: int | None = Field(None, ge=1)  # torch threads; None: cpus_per_worker
-    zero_stage: Literal[0, 1, 2] = 0
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    zero_stage: ZeroStage = 0  # masks survive every stage x precision (orchestrator/master.py)
+    precision: Precision = "fp32"
     grad_accum: int = Field(1, ge=1)
     max_failures: int = Field(0, ge=-1)  # worker-group restarts Ray may do; -1: unlimited
 

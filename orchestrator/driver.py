@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from . import env
 from .config import TrainConfig
 
 
@@ -38,8 +39,7 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
 
     if ray.is_initialized():
         return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    env.set_defaults()
     if _under_ray_job():
         ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=True)
         return True
@@ -50,22 +50,6 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address="local", num_cpus=num_cpus, _temp_dir=default_ray_temp_dir(), log_to_driver=True)
     return True
-
-
-def worker_env() -> dict[str, str]:
-    """Environment every worker gets: quiet, caches kept where the driver keeps them."""
-    keep = ("TORCH_EXTENSIONS_DIR", "WANDB_DIR", "WANDB_MODE", "WANDB_API_KEY", "WANDB_CACHE_DIR",
-            "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_SILENT", "TMPDIR", "DS_ACCELERATOR", "MPLCONFIGDIR", "PYTHONPATH",
-            "SOFTPRUNE_FAULTS")
-    env = {k: os.environ[k] for k in keep if k in os.environ}
-    env.setdefault("WANDB_X_DISABLE_STATS", "true")
-    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
-    return env
-
-
-def verbose(cfg: TrainConfig) -> bool:
-    """Ray's own chatter on the console: `tracking.verbose=true` or SOFTPRUNE_VERBOSE=1."""
-    return cfg.tracking.verbose or os.environ.get("SOFTPRUNE_VERBOSE", "") not in ("", "0")
 
 
 def make_trainer(cfg: TrainConfig):
@@ -90,10 +74,10 @@ def make_trainer(cfg: TrainConfig):
             name=cfg.name, storage_path=cfg.storage_abspath,
             failure_config=FailureConfig(max_failures=s.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
-            worker_runtime_env={"env_vars": worker_env()},
+            worker_runtime_env={"env_vars": env.worker_env()},
             # Ray Train's INFO lines (every report of every rank, every checkpoint) drown the
             # progress lines; they stay in Ray's log files either way.
-            logging_config=LoggingConfig(log_level="INFO" if verbose(cfg) else "WARNING"),
+            logging_config=LoggingConfig(log_level="INFO" if env.verbose(cfg.tracking.verbose) else "WARNING"),
         ),
     )
 

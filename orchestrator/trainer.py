@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from . import faults, watchdog
+from . import env, faults, watchdog
 from .algorithms import make_algorithm
 from .config import TrainConfig
 from .engine import init_distributed, lr_at, set_lr
@@ -44,11 +44,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 def setup_worker(cfg: TrainConfig) -> None:
     """Threads, the distributed backend (adopting Ray's gloo/nccl group), seeds, quiet logs."""
-    if not cfg.tracking.verbose and not os.environ.get("SOFTPRUNE_VERBOSE", "").strip("0"):
+    if not env.verbose(cfg.tracking.verbose):
         quiet_report_logging()
-    for key in ("TMPDIR", "WANDB_DIR", "TORCH_EXTENSIONS_DIR"):  # driver paths may not exist on this node
-        if os.environ.get(key):
-            os.makedirs(os.environ[key], exist_ok=True)
+    env.make_dirs()  # the driver's paths may not exist on this node
     # Own wandb service per worker: an inherited one (a driver that used wandb) outlives a killed
     # rank 0 and keeps its run "in use" when the restarted group resumes it.
     os.environ.pop("WANDB_SERVICE", None)

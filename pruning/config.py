@@ -6,9 +6,16 @@ in the message (pydantic adds the dotted location when the section is nested).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, field_validator, model_validator
+
+# The allowed values, written once: the config, the pure functions and the CLI all read these.
+Criterion = Literal["l1", "l2", "fpgm"]
+Policy = Literal["sfp", "coupled", "pfec"]
+Scope = Literal["layer", "global"]
+CompactMode = Literal["hard", "faithful"]
+CRITERIA, POLICIES, SCOPES, COMPACT_MODES = (get_args(t) for t in (Criterion, Policy, Scope, CompactMode))
 
 _DERIVED_SCHEDULE = {"none": "constant", "sfp": "constant", "asfp": "asymptotic", "pfec": "one_shot"}
 
@@ -17,9 +24,9 @@ class PruningConfig(BaseModel, extra="forbid"):
     """What to prune, how to score it, and how the rate evolves over training."""
 
     method: Literal["none", "sfp", "asfp", "pfec"] = "none"
-    criterion: Literal["l1", "l2", "fpgm"] = "l2"
-    policy: Literal["sfp", "coupled", "pfec"] = "sfp"
-    scope: Literal["layer", "global"] = "layer"
+    criterion: Criterion = "l2"
+    policy: Policy = "sfp"
+    scope: Scope = "layer"
     rate: float = 0.3  # goal rate P in [0, 1)
     schedule: Literal["constant", "asymptotic", "linear", "cubic", "one_shot"] | None = None
     asymptotic_d: float = 0.125  # ASFP's D
@@ -35,7 +42,7 @@ class PruningConfig(BaseModel, extra="forbid"):
     freeze_epoch: int | None = None  # from this epoch on masks are frozen
     finetune_epochs: int = 0  # after a soft run: K epochs with frozen masks
     recalibrate_batches: int = 50  # BN recalibration batches at finalize
-    compact_mode: Literal["best", "hard", "faithful"] = "best"
+    compact_mode: Literal["best"] | CompactMode = "best"
 
     @field_validator("rate")
     @classmethod

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-POLICIES = ("sfp", "coupled", "pfec")
+from .config import POLICIES
 
 
 @dataclass(frozen=True)

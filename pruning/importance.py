@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .groups import Group, GroupSet
 
-CRITERIA = ("l1", "l2", "fpgm")
+from .config import CRITERIA
 
 
 def _l1(w: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ from torch import Tensor
 from .groups import GroupSet
 from .masks import MaskSet
 
-SCOPES = ("layer", "global")
+from .config import SCOPES
 
 
 def pruned_count(n: int, rate: float) -> int:

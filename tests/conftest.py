@@ -2,33 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import pathlib
-
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-CACHE = ROOT / ".cache"
+from orchestrator.env import set_defaults
 
-_ENV = {
-    "TORCH_EXTENSIONS_DIR": CACHE / "torch_extensions",
-    "MPLCONFIGDIR": CACHE / "matplotlib",
-    "WANDB_DIR": CACHE / "wandb",
-    "WANDB_CACHE_DIR": CACHE / "wandb",
-    "WANDB_CONFIG_DIR": CACHE / "wandb",
-    "WANDB_DATA_DIR": CACHE / "wandb",
-    "TMPDIR": CACHE / "tmp",
-}
-for key, path in _ENV.items():
-    path.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault(key, str(path))
-os.environ.setdefault("WANDB_MODE", "offline")
-os.environ.setdefault("WANDB_SILENT", "true")
-os.environ.setdefault("WANDB_X_DISABLE_STATS", "true")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+set_defaults({"WANDB_MODE": "offline", "DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "disabled"})
 
 
 def _has_cuda() -> bool:

@@ -55,7 +55,7 @@ def test_ray_start_job_submit_stop(tmp_path):
         assert "succeeded" in (job.stdout + job.stderr).lower()
         assert "softprune summary" in job.stdout
     finally:
-        for _ in range(2):  # a first `ray stop` can leave processes behind (STACK.md)
+        for _ in range(2):  # a first `ray stop` can leave processes behind (seen with Ray 2.60)
             subprocess.run([RAY, "stop"], env=env, capture_output=True, timeout=120)
     report = json.loads((storage / "job" / "final" / "report.json").read_text())
     assert report["epochs"]["trained"] == 2 and report["model"] == "resnet20"

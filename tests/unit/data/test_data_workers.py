@@ -15,19 +15,12 @@ import torch
 
 from data import CorruptShardError, DataConfig, make_train_loader, make_val_loader
 from data.testing import write_indexed_shards
-
-COUNTS = {"train": [23, 4, 31, 9], "val": [11, 6]}
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return write_indexed_shards(tmp_path_factory.mktemp("idx"), COUNTS).parent
+from tests.unit.data.test_data_loader import _cfg as _in_process_cfg
+from tests.unit.data.test_data_loader import shards  # noqa: F401  (the same tiny shard set)
 
 
-def _cfg(src, **kw):
-    base = dict(train=str(src), val=str(src), image_size=8, transform="cifar", batch_size=4,
-                num_workers=2, shuffle_buffer=8, seed=5)
-    return DataConfig(**{**base, **kw})
+def _cfg(src, **kw) -> DataConfig:
+    return _in_process_cfg(src, **{"num_workers": 2, **kw})
 
 
 def _children() -> dict[int, psutil.Process]:

@@ -1,4 +1,4 @@
-"""Exactness of compaction for every registered model and policy (the contract in DESIGN.md):
+"""Exactness of compaction for every registered model and policy (the contract in docs/design.md):
 compacted(hard) == hard-masked and compacted(faithful) == soft-masked in eval mode, within 1e-4,
 and the compacted model's counted MACs and params equal `masked_cost`'s prediction."""
 
