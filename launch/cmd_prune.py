@@ -82,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from models import create_model
-    from pruning import (build_groups, compact, count_flops, masked_cost, save_compact, score,
-                         select)
+    from pruning import (PruningConfig, compact, count_flops, groups_from_config, make_chooser, masked_cost,
+                         save_compact)
     from pruning.presets import get_preset
 
     if args.preset is not None:
@@ -95,12 +95,13 @@ def run(args: argparse.Namespace) -> int:
     if args.weights:
         _fit(model, _load_weights(args.weights), args.weights, args.model)
     size = args.input_size or model.softprune_meta.input_size
-    groups = build_groups(model, args.policy, args.include, args.exclude, args.preset)
+    cfg = PruningConfig(policy=args.policy, criterion=args.criterion, scope=args.scope, min_keep=args.min_keep,
+                        round_to=args.round_to, include=args.include, exclude=args.exclude, preset=args.preset)
+    groups = groups_from_config(model, cfg)
     if not len(groups):
         raise ValueError("nothing to prune: no conv matches the policy, preset and patterns")
-    scores = score(groups, dict(model.named_parameters()), args.criterion)
     rate = 1.0 if args.preset else args.rate  # a preset's own rates, in full
-    masks = select(groups, scores, rate, args.scope, args.min_keep, args.round_to)
+    masks = make_chooser(groups, cfg)(dict(model.named_parameters()), rate, 0)
     small, spec = compact(model, groups, masks, args.mode, input_size=size)
     before, after = count_flops(model, size), count_flops(small, size)
     predicted = masked_cost(model, groups, masks, size, mode=args.mode)

@@ -51,11 +51,11 @@ class Masker:
     coordinator and records each event's statistics in the run state and the logger."""
 
     def __init__(self, cfg: TrainConfig, run, masks_state: dict | None = None):
-        from pruning import MaskSet, build_groups
+        from pruning import MaskSet, groups_from_config, make_chooser
 
-        p = self.p = cfg.pruning
-        groups = build_groups(run.model, policy=p.policy, include=tuple(p.include), exclude=tuple(p.exclude),
-                              preset=p.preset)
+        self.p = cfg.pruning
+        groups = groups_from_config(run.model, cfg.pruning)
+        self._choose = make_chooser(groups, cfg.pruning)
         self.coord = Coordinator(run.model, groups, run.engine)
         self.groups = groups
         self.masks = MaskSet.from_state(masks_state) if masks_state is not None else None
@@ -63,15 +63,9 @@ class Masker:
             self.masks.check(groups)  # a checkpoint's masks must fit this model's groups
 
     def chooser(self, rate: float, epoch: int):
-        from pruning import score, select
-
-        p = self.p
-
         def choose(tensors):  # runs on rank 0 only
             faults.inject("select", 0)
-            scores = score(self.groups, tensors, criterion=p.criterion)
-            return select(self.groups, scores, rate, scope=p.scope, min_keep=p.min_keep, round_to=p.round_to,
-                          epoch=epoch)
+            return self._choose(tensors, rate, epoch)
         return choose
 
     def keep_current(self):

@@ -42,7 +42,7 @@ def load_model(checkpoint_dir: str | Path) -> tuple[nn.Module, ckpt.RunState]:
     if state.arch_spec is not None:
         model = build_from_spec(state.arch_spec)
     else:
-        from .worker import num_classes
+        from .model_setup import num_classes
         from .config import TrainConfig
 
         model = create_model(cfg["model"]["name"], num_classes(TrainConfig.model_validate(cfg)))
@@ -55,15 +55,13 @@ def compact_checkpoint(run_dir: str | Path, out: str | Path | None, mode: str = 
     """Hard-mask (mode hard) or keep soft (mode faithful) the latest checkpoint's masks and compact.
     Writes model.safetensors + arch.json + report.json atomically; re-running overwrites."""
     from models import arch_spec
-    from pruning import MaskSet, apply_masks, build_groups, compact, count_flops, save_compact
+    from pruning import MaskSet, PruningConfig, apply_masks, compact, count_flops, groups_from_config, save_compact
 
     latest = find_checkpoints(run_dir)[-1]
     model, state = load_model(latest)
     size = (state.config or {}).get("data", {}).get("image_size") or model.softprune_meta.input_size
     if state.masks is not None and not state.compacted:
-        p = state.config["pruning"]
-        groups = build_groups(model, policy=p["policy"], include=tuple(p["include"]), exclude=tuple(p["exclude"]),
-                              preset=p["preset"])
+        groups = groups_from_config(model, PruningConfig.model_validate(state.config["pruning"]))
         masks = MaskSet.from_state(state.masks)
         masks.check(groups)
         if mode == "hard":

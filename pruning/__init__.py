@@ -6,6 +6,7 @@ is apart from action (`apply_masks` / `masked_tensors` zero, `compact` cuts).
 """
 
 from .apply import apply_masks, masked_tensors
+from .chooser import groups_from_config, make_chooser
 from .compact import compact
 from .config import PruningConfig
 from .cost import masked_cost
@@ -21,6 +22,7 @@ from .select import kept_count, select
 __all__ = [
     "PRESETS", "Counts", "Group", "GroupSet", "MaskSet", "Member", "PruningConfig", "apply_masks",
     "build_groups", "compact", "count_flops", "count_params", "filter_scores", "full_masks",
-    "is_prune_epoch", "kept_count", "load_compact", "make_schedule", "masked_cost", "masked_tensors",
+    "groups_from_config", "is_prune_epoch", "kept_count", "load_compact", "make_chooser", "make_schedule",
+    "masked_cost", "masked_tensors",
     "plot_schedules", "preset_names", "preset_rates", "save_compact", "score", "select",
 ]

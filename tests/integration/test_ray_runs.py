@@ -63,7 +63,7 @@ def _val_top1(model, cfg) -> float:
 def test_asfp_stop_resume_finalize_compact(ray_cluster, shards, tmp_path):
     from orchestrator.driver import run_training
     from orchestrator.offline import find_checkpoints, load_model
-    from orchestrator.worker import weights_digest
+    from orchestrator.model_setup import weights_digest
     from pruning import MaskSet, load_compact
 
     over = {"pruning.method": "asfp", "pruning.rate": 0.4, "pruning.finetune_epochs": 1,

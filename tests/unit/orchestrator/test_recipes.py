@@ -13,18 +13,18 @@ RECIPES = ["resnet56_sfp", "resnet56_pfec", "vgg16_pfec", "resnet50_asfp", "smok
 def test_recipe_prunes_its_model(recipe):
     from models import create_model
     from orchestrator.config import load_config
-    from pruning import build_groups, compact, count_flops, make_schedule, score, select
+    from pruning import compact, count_flops, groups_from_config, make_chooser, make_schedule
 
     cfg = load_config(f"launch.recipes:{recipe}", ["data.train=/x/manifest.json"])
     p = cfg.pruning
     size = 32 if cfg.data.image_size <= 32 else 64  # ImageNet models checked at 64 px: same layers, less time
     torch.manual_seed(0)
     model = create_model(cfg.model.name, cfg.model.num_classes).eval()
-    groups = build_groups(model, policy=p.policy, include=tuple(p.include), exclude=tuple(p.exclude), preset=p.preset)
+    groups = groups_from_config(model, p)
     rate = make_schedule(p, cfg.epochs)(cfg.epochs - 1)
     assert rate > 0
     tensors = {n: t.detach() for n, t in model.state_dict().items()}
-    masks = select(groups, score(groups, tensors, p.criterion), rate, scope=p.scope)
+    masks = make_chooser(groups, p)(tensors, rate, cfg.epochs - 1)
     small, spec = compact(model, groups, masks, mode="hard", input_size=size)
     assert count_flops(small, size).params < count_flops(model, size).params
     with torch.no_grad():
