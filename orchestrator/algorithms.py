@@ -80,11 +80,16 @@ class Masker:
         cost = _masked_cost(run, self.groups, masks)
         run.state.mask_history.append({
             "epoch": run.state.epoch, "rate": rate, "hard": hard, "hash": stats["hash"],
-            "rank_hashes": stats["rank_hashes"], "churn": stats["churn"], "seconds": stats["seconds"], **cost})
-        kept = {f"prune/kept/{k}": v for k, v in stats["kept_fraction"].items()}
+            "rank_hashes": stats["rank_hashes"], "churn": stats["churn"], "seconds": stats["seconds"],
+            "regrowth": stats["regrowth"], **cost})
+        per_layer = {f"prune/kept/{k}": v for k, v in stats["kept_fraction"].items()}
+        per_layer.update({f"prune/churn_by_group/{k}": v for k, v in stats["churn_per_group"].items()})
+        per_layer.update({f"prune/regrowth_by_layer/{k}": v for k, v in stats["regrowth"].items()})
+        grown = list(stats["regrowth"].values())
         run.logger.log({"epoch": run.state.epoch, "prune/rate": rate or 0.0, "prune/churn": stats["churn"] or 0.0,
+                        "prune/regrowth": sum(grown) / len(grown) if grown else 0.0,
                         "prune/coordinator_seconds": stats["seconds"], "prune/macs": cost["macs"],
-                        "prune/params": cost["params"], **kept})
+                        "prune/params": cost["params"], **per_layer})
 
 
 class SoftPruning(NoPruning):

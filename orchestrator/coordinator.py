@@ -152,8 +152,11 @@ class Coordinator:
     def event(self, choose: Callable[[dict[str, torch.Tensor]], Any], hard: bool = False,
               zero_moments: bool = False, previous=None) -> tuple[Any, dict[str, Any]]:
         """Decide, broadcast, apply, verify; returns (masks, stats). Collective on every rank."""
+        from pruning import regrowth
+
         start = time.perf_counter()
         masks, tensors = self.decide(choose)
+        grown = regrowth(self.groups, previous, tensors) if previous is not None else {}  # before apply
         self.apply(masks, tensors, hard=hard, zero_moments=zero_moments)
         held = self.verify(masks, hard)
         stats = {
@@ -161,6 +164,8 @@ class Coordinator:
             "rank_hashes": held,  # per rank: digest of the zero rows it holds (equal: verify checked)
             "kept_fraction": {str(k): float(v) for k, v in masks.kept_fraction().items()},
             "churn": float(masks.churn(previous)) if previous is not None else None,
+            "churn_per_group": masks.churn_per_group(previous) if previous is not None else {},
+            "regrowth": grown,  # of the previous event's pruned filters, since that event
             "seconds": time.perf_counter() - start,
         }
         return masks, stats

@@ -14,6 +14,9 @@ from typing import Any
 from .config import TrackingConfig
 
 
+STEP_METRIC = "trainer/global_step"
+
+
 class NullLogger:
     """What non-zero ranks (and runs with tracking off) get."""
 
@@ -71,13 +74,17 @@ class WandbLogger(NullLogger):
         self.run = _init_with_retry(wandb, run_id, kwargs)
         self.run_id = self.run.id
         self.run_dir = getattr(self.run, "dir", None)
+        # Our own step axes: wandb drops a point whose `step=` is not above the last one it saw,
+        # so a run resumed from an older checkpoint would lose its replayed history.
+        self.run.define_metric(STEP_METRIC)
+        self.run.define_metric("train/*", step_metric=STEP_METRIC)
         self.run.define_metric("epoch")
         for prefix in ("val/*", "prune/*", "epoch/*", "stage/*"):
             self.run.define_metric(prefix, step_metric="epoch")
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        # one step axis for every call (the optimizer step), so wandb never sees a step go back
-        self.run.log(metrics, step=step if step is not None else self.step_fn())
+        """Log with the optimizer step as a field; wandb's own step just counts calls."""
+        self.run.log({**metrics, STEP_METRIC: step if step is not None else self.step_fn()})
 
     def summary(self, values: dict[str, Any]) -> None:
         for key, value in values.items():

@@ -5,7 +5,7 @@ important each slot is (`score`), when and how much (`make_schedule`, `select`);
 is apart from action (`apply_masks` / `masked_tensors` zero, `compact` cuts).
 """
 
-from .apply import apply_masks, masked_tensors
+from .apply import apply_masks, masked_tensors, regrowth
 from .chooser import groups_from_config, make_chooser
 from .compact import compact
 from .config import PruningConfig
@@ -23,6 +23,6 @@ __all__ = [
     "PRESETS", "Counts", "Group", "GroupSet", "MaskSet", "Member", "PruningConfig", "apply_masks",
     "build_groups", "compact", "count_flops", "count_params", "filter_scores", "full_masks",
     "groups_from_config", "is_prune_epoch", "kept_count", "load_compact", "make_chooser", "make_schedule",
-    "masked_cost", "masked_tensors",
+    "masked_cost", "masked_tensors", "regrowth",
     "plot_schedules", "preset_names", "preset_rates", "save_compact", "score", "select",
 ]

@@ -61,3 +61,20 @@ def apply_masks(model: nn.Module, groups: GroupSet, masks: MaskSet, hard: bool =
         for moments in by_key.values():
             for name, value in masked_tensors(groups, masks, moments, hard=hard).items():
                 moments[name].copy_(value)
+
+
+def regrowth(groups: GroupSet, masks: MaskSet, tensors: Mapping[str, Tensor]) -> dict[str, float]:
+    """Per conv: the mean L2 norm of the filters `masks` pruned, over the mean norm of the filters
+    it kept, measured on `tensors` (taken later, e.g. at the next event). 0 means the pruned
+    filters stayed at zero; near 1, they grew back as large as the kept ones (soft pruning lets
+    them; how far they get says how soft the pruning really is)."""
+    out: dict[str, float] = {}
+    for conv, keep in conv_keep(groups, masks).items():
+        weight = tensors.get(tensor_names(groups.member_of[conv][1], hard=False)[0])
+        if weight is None or bool(keep.all()) or not bool(keep.any()):
+            continue
+        norms = weight.detach().float().reshape(weight.shape[0], -1).norm(dim=1)
+        keep = keep.to(norms.device)
+        kept = float(norms[keep].mean())
+        out[conv] = float(norms[~keep].mean()) / kept if kept > 0 else 0.0
+    return out

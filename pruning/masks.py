@@ -70,6 +70,11 @@ class MaskSet:
         """sha256 of the epoch, group names/sizes and bits: equal on every rank or a bug."""
         return hashlib.sha256(self.pack()).hexdigest()
 
+    def churn_per_group(self, prev: MaskSet) -> dict[str, float]:
+        """Per group: the fraction of its slots whose kept/pruned state changed since `prev`."""
+        self.churn(prev)  # same groups, or ValueError
+        return {n: float((k != prev.keep[n]).float().mean()) if len(k) else 0.0 for n, k in self.keep.items()}
+
     def churn(self, prev: MaskSet | None) -> float:
         """Fraction of slots whose kept/pruned state changed since `prev` (0.0 without one).
         A slot is one filter, or one channel of a whole residual stream under `coupled`."""

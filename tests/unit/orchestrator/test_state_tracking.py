@@ -92,3 +92,30 @@ def test_run_id_held_by_a_dying_worker_is_waited_for(tmp_path, monkeypatch):
     out, err = child.communicate(timeout=120)
     assert child.returncode == 0, err[-2000:]
     assert f"ID {holder.run_id}" in out
+
+
+class _RecordingRun:
+    """Stands in for a wandb run (no wandb server here): records what the logger sends it."""
+
+    def __init__(self):
+        self.logged, self.metrics = [], {}
+
+    def log(self, data, step=None, **kw):
+        assert step is None, "an explicit step makes wandb drop replayed points after a resume"
+        self.logged.append(data)
+
+    def define_metric(self, name, step_metric=None):
+        self.metrics[name] = step_metric
+
+
+def test_wandb_logs_on_its_own_step_axis_so_a_resume_keeps_replayed_points():
+    from orchestrator.tracking import STEP_METRIC, WandbLogger
+
+    logger = WandbLogger.__new__(WandbLogger)  # skip wandb.init: the calls below are what matters
+    logger.run, logger.step_fn = _RecordingRun(), lambda: 7
+    logger.run.define_metric(STEP_METRIC)
+    for step in (10, 20, 10, 15):  # resumed from the step-10 checkpoint: steps go back, points must stay
+        logger.log({"train/loss": step / 10}, step=step)
+    logger.log({"epoch": 1, "val/top1": 0.5})  # no step given: the run's current global step
+    assert [d[STEP_METRIC] for d in logger.run.logged] == [10, 20, 10, 15, 7]
+    assert [d.get("train/loss") for d in logger.run.logged[:4]] == [1.0, 2.0, 1.0, 1.5]

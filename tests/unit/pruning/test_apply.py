@@ -70,3 +70,31 @@ def test_strict_and_shape_errors():
     assert masked_tensors(groups, masks, {}) == {}
     with pytest.raises(ValueError, match="channels"):
         masked_tensors(groups, masks, {"conv1.weight": torch.zeros(3, 3, 3, 3)})
+
+
+def test_regrowth_is_zero_right_after_masking_and_measures_what_grew_back():
+    from pruning import regrowth
+
+    model, groups, masks = _setup()
+    apply_masks(model, groups, masks)
+    params = dict(model.named_parameters())
+    assert regrowth(groups, masks, params) and set(regrowth(groups, masks, params).values()) == {0.0}
+    w, keep = params["layer1.0.conv1.weight"], masks.keep["layer1.0.conv1"]
+    with torch.no_grad():  # the pruned filters grow back to exactly the kept filters' mean norm
+        target = w[keep].reshape(int(keep.sum()), -1).norm(dim=1).mean()
+        w[~keep] = torch.randn_like(w[~keep])
+        rows = w[~keep].reshape(int((~keep).sum()), -1)
+        w[~keep] = (rows / rows.norm(dim=1, keepdim=True) * target).view_as(w[~keep])
+    grown = regrowth(groups, masks, params)
+    assert grown["layer1.0.conv1"] == pytest.approx(1.0, rel=1e-5)
+    assert grown["layer1.0.conv2"] == 0.0  # untouched layers stay at zero
+
+
+def test_churn_per_group():
+    _, groups, masks = _setup()
+    other = random_masks(groups, 0.4, seed=3)
+    per_group = other.churn_per_group(masks)
+    assert set(per_group) == set(masks.keep) and any(v > 0 for v in per_group.values())
+    sizes = {n: len(k) for n, k in masks.keep.items()}
+    assert sum(per_group[n] * sizes[n] for n in sizes) / sum(sizes.values()) == pytest.approx(other.churn(masks))
+    assert set(masks.churn_per_group(masks).values()) == {0.0}
