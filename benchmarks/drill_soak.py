@@ -98,6 +98,7 @@ def main(argv=None) -> int:
         print(f"drill_soak: error: {exc}", file=sys.stderr)
         return 3
     shutil.rmtree(WORK / "runs" / cfg.name, ignore_errors=True)  # a fresh run, never a resume
+    from orchestrator.algorithms import total_epochs
     from orchestrator.driver import run_training
 
     give_up_after(args.timeout)
@@ -108,9 +109,9 @@ def main(argv=None) -> int:
     epochs = len(report.get("history", []))
     passes = 2 * epochs  # one train and one val pass per epoch (finalize plays a few more)
     print(f"drill_soak: {args.ranks} ranks x {args.loader_workers} loader workers per loader, "
-          f"{epochs}/{cfg.total_epochs} epochs, {passes} train+val passes per rank in {wall:.1f} s "
+          f"{epochs}/{total_epochs(cfg)} epochs, {passes} train+val passes per rank in {wall:.1f} s "
           f"({wall / max(passes, 1):.2f} s per pass, Ray start and finalize included)", flush=True)
-    if epochs != cfg.total_epochs:
+    if epochs != total_epochs(cfg):
         print(f"drill_soak: FAILED, the run did not finish (report: {'yes' if report else 'none'}, "
               f"checkpoint {summary.get('checkpoint')})", flush=True)
         return 1

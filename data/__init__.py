@@ -8,7 +8,7 @@ from data.manifest import MANIFEST_NAME, load_manifest
 from data.sources import ShardSet, resolve_source
 from data.synthetic import write_synthetic
 from data.transforms import normalize
-from data.writer import write_imagenet_shards
+from data.imagenet_writer import write_imagenet_shards
 
 # The loader side imports torch (about a second); shard writing never needs it, so these load
 # on first use.

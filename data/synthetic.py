@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data.shardwriter import Sample, ShardJob, write_shard_set
+from data.shardset_writer import Sample, ShardJob, write_shard_set
 
 SPLIT_IDS = {"train": 0, "val": 1}
 

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from data.manifest import MANIFEST_NAME, build_manifest, write_json_atomic
-from data.shardwriter import Sample, write_tar
+from data.shardset_writer import Sample, write_tar
 
 
 def tiny_jpeg(index: int, size: int = 8) -> bytes:

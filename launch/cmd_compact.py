@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from orchestrator.offline import compact_checkpoint
+    from orchestrator.saved_runs import compact_checkpoint
 
     out, report = compact_checkpoint(args.run_dir, args.out, args.mode)
     print(f"compacted ({args.mode}) from epoch {report['epoch']}: params {report['pruned']['params']:,} "

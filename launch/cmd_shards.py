@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.source == "imagenet":
-        from data.writer import write_imagenet_shards
+        from data.imagenet_writer import write_imagenet_shards
 
         path = write_imagenet_shards(
             args.src, args.out, shard_size=args.shard_size, shard_mb=args.shard_mb,

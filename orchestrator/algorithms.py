@@ -14,13 +14,33 @@ Selection (coordinator + pruning.select) is kept apart from action (apply, compa
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import faults
 from .config import TrainConfig
 from .coordinator import Coordinator, GradientFreezer
 from .evaluation import recalibrate_bn
 from .outputs import write_outputs
+
+if TYPE_CHECKING:
+    from .worker import Run
+
+
+class Algorithm(Protocol):
+    """What the training loop calls. An algorithm owns its state: the run's checkpoint stores
+    `state_dict()` as an opaque dict and hands it back through `load_state_dict()` (before
+    `on_train_start`) when the run resumes."""
+
+    def extra_epochs(self) -> int: ...  # epochs it adds after `epochs` (frozen-mask fine-tuning)
+    def on_train_start(self, run: Run) -> None: ...
+    def on_epoch_start(self, run: Run) -> None: ...
+    def on_step_end(self, run: Run) -> None: ...
+    def on_epoch_end(self, run: Run) -> None: ...
+    def on_finish(self, run: Run) -> None: ...
+    def progress(self) -> dict[str, float | None]: ...  # for the progress line: rate, macs_kept
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
 class NoPruning:
@@ -29,28 +49,40 @@ class NoPruning:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
 
-    def on_train_start(self, run) -> None:
+    def extra_epochs(self) -> int:
+        return 0
+
+    def on_train_start(self, run: Run) -> None:
         _count_dense(run)
 
-    def on_epoch_start(self, run) -> None:
+    def on_epoch_start(self, run: Run) -> None:
         pass
 
-    def on_step_end(self, run) -> None:
+    def on_step_end(self, run: Run) -> None:
         pass
 
-    def on_epoch_end(self, run) -> None:
+    def on_epoch_end(self, run: Run) -> None:
         pass
 
-    def on_finish(self, run) -> None:
-        run.stage("final", run.last_eval)
+    def on_finish(self, run: Run) -> None:
+        run.record_stage("final", run.last_eval)
         write_outputs(run, run.model, _spec(run.model), chosen="dense")
+
+    def progress(self) -> dict[str, float | None]:
+        return {"rate": None, "macs_kept": None}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass
 
 
 class Masker:
     """Selection + action for one set of channel groups: chooses masks on rank 0 through the
-    coordinator and records each event's statistics in the run state and the logger."""
+    coordinator, and keeps the current masks and every event's statistics (its state)."""
 
-    def __init__(self, cfg: TrainConfig, run, masks_state: dict | None = None):
+    def __init__(self, cfg: TrainConfig, run: Run, state: Mapping[str, Any] | None = None):
         from pruning import MaskSet, groups_from_config, make_chooser
 
         self.p = cfg.pruning
@@ -58,9 +90,22 @@ class Masker:
         self._choose = make_chooser(groups, cfg.pruning)
         self.coord = Coordinator(run.model, groups, run.engine)
         self.groups = groups
-        self.masks = MaskSet.from_state(masks_state) if masks_state is not None else None
+        state = state or {}
+        self.masks = MaskSet.from_state(state["masks"]) if state.get("masks") is not None else None
+        self.history: list[dict] = list(state.get("history", []))
+        self.dense_macs = (run.state.dense_counts or {}).get("macs")
         if self.masks is not None:
             self.masks.check(groups)  # a checkpoint's masks must fit this model's groups
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"masks": self.masks.to_state() if self.masks is not None else None, "history": self.history}
+
+    def progress(self) -> dict[str, float | None]:
+        """The latest rate and the fraction of the dense MACs the masks keep; None before any event."""
+        rates = [e["rate"] for e in self.history if e.get("rate") is not None]
+        macs = self.history[-1].get("macs") if self.history else None
+        return {"rate": rates[-1] if rates else None,
+                "macs_kept": macs / self.dense_macs if macs and self.dense_macs else None}
 
     def chooser(self, rate: float, epoch: int):
         def choose(tensors):  # runs on rank 0 only
@@ -71,14 +116,13 @@ class Masker:
     def keep_current(self):
         return lambda tensors: self.masks
 
-    def event(self, run, choose, hard: bool, rate: float | None) -> None:
+    def mask_event(self, run: Run, choose, hard: bool, rate: float | None) -> None:
         """One coordinator event (collective on every rank) plus its statistics."""
         masks, stats = self.coord.event(choose, hard=hard, zero_moments=self.p.zero_moments or hard,
                                         previous=self.masks)
         self.masks = masks
-        run.state.masks = masks.to_state()
         cost = _masked_cost(run, self.groups, masks)
-        run.state.mask_history.append({
+        self.history.append({
             "epoch": run.state.epoch, "rate": rate, "hard": hard, "hash": stats["hash"],
             "rank_hashes": stats["rank_hashes"], "churn": stats["churn"], "seconds": stats["seconds"],
             "regrowth": stats["regrowth"], **cost})
@@ -105,53 +149,68 @@ class SoftPruning(NoPruning):
         self.frozen_from = min(p.freeze_epoch if p.freeze_epoch is not None else cfg.epochs, cfg.epochs)
         self.masker: Masker | None = None
         self.freezer: GradientFreezer | None = None
+        self.frozen = False  # masks are hard and held (finalized, or the freeze epoch reached)
+        self._restored: Mapping[str, Any] = {}
 
-    def on_train_start(self, run) -> None:
+    def extra_epochs(self) -> int:
+        return self.cfg.pruning.finetune_epochs
+
+    def state_dict(self) -> dict[str, Any]:
+        masker = self.masker.state_dict() if self.masker is not None else dict(self._restored)
+        return {**masker, "frozen": self.frozen}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._restored, self.frozen = dict(state), bool(state.get("frozen", False))
+
+    def progress(self) -> dict[str, float | None]:
+        return self.masker.progress() if self.masker is not None else super().progress()
+
+    def on_train_start(self, run: Run) -> None:
         _count_dense(run)
-        self.masker = Masker(self.cfg, run, run.state.masks)  # resumed: the checkpoint's masks
-        if run.state.frozen:
+        self.masker = Masker(self.cfg, run, self._restored)  # resumed: the checkpoint's masks
+        if self.frozen:
             self.freezer = GradientFreezer(run.model, self.masker.groups, self.masker.masks)
 
-    def on_epoch_start(self, run) -> None:
-        if run.state.epoch == self.frozen_from and not run.state.frozen:
+    def on_epoch_start(self, run: Run) -> None:
+        if run.state.epoch == self.frozen_from and not self.frozen:
             self.finalize_masks(run)
 
-    def on_epoch_end(self, run) -> None:
+    def on_epoch_end(self, run: Run) -> None:
         from pruning import is_prune_epoch
 
         epoch, m = run.state.epoch, self.masker
-        if run.state.frozen:  # re-apply the same hard masks: keeps the frozen zeros exact
-            m.event(run, m.keep_current(), hard=True, rate=None)
+        if self.frozen:  # re-apply the same hard masks: keeps the frozen zeros exact
+            m.mask_event(run, m.keep_current(), hard=True, rate=None)
         elif is_prune_epoch(self.cfg.pruning, epoch) or epoch + 1 == self.frozen_from:
-            m.event(run, m.chooser(self.rate(epoch), epoch), hard=False, rate=self.rate(epoch))
+            m.mask_event(run, m.chooser(self.rate(epoch), epoch), hard=False, rate=self.rate(epoch))
 
-    def on_finish(self, run) -> None:
-        if not run.state.frozen:
+    def on_finish(self, run: Run) -> None:
+        if not self.frozen:
             self.finalize_masks(run)
         elif run.state.epoch > self.frozen_from:
-            run.stage("finetuned", run.last_eval)
+            run.record_stage("finetuned", run.last_eval)
         self.compact_and_write(run)
 
-    def finalize_masks(self, run) -> None:
+    def finalize_masks(self, run: Run) -> None:
         """Soft -> frozen: keep the faithful compaction of the soft model, hard mask, recalibrate
         BN, hold the masks. Every stage is evaluated. Collective."""
         m, cfg = self.masker, self.cfg
         if m.masks is None:  # frozen before any soft event (freeze epoch 0): choose masks now
             rate = self.rate(max(run.state.epoch - 1, 0))
-            m.event(run, m.chooser(rate, run.state.epoch), hard=False, rate=rate)
-        run.stage("soft", run.last_eval or run.evaluate())
+            m.mask_event(run, m.chooser(rate, run.state.epoch), hard=False, rate=rate)
+        run.record_stage("soft", run.last_eval or run.evaluate())
         self._faithful_candidate(run)
-        m.event(run, m.keep_current(), hard=True, rate=None)
-        run.stage("hard", run.evaluate())
+        m.mask_event(run, m.keep_current(), hard=True, rate=None)
+        run.record_stage("hard", run.evaluate())
         run.train_loader.set_epoch(run.state.epoch)
         used = recalibrate_bn(run.model, run.train_loader, cfg.data.mean, cfg.data.std,
                               cfg.pruning.recalibrate_batches)
-        run.stage("recalibrated", dict(run.evaluate(), batches=used))
+        run.record_stage("recalibrated", dict(run.evaluate(), batches=used))
         run.last_eval = run.state.stages["recalibrated"]
         self.freezer = GradientFreezer(run.model, m.groups, m.masks)
-        run.state.frozen = True
+        self.frozen = True
 
-    def _faithful_candidate(self, run) -> None:
+    def _faithful_candidate(self, run: Run) -> None:
         """Compact the soft-masked model in faithful mode, evaluate it, and keep it in the run's
         carry directory (it rides in every checkpoint) for the final choice."""
         from pruning import compact, save_compact
@@ -159,50 +218,75 @@ class SoftPruning(NoPruning):
         model, spec = compact(_cpu_copy(run.model), self.masker.groups, self.masker.masks, mode="faithful",
                               input_size=run.input_size)
         metrics = run.evaluate_candidate(model)
-        run.stage("compacted_faithful", metrics)
+        run.record_stage("compacted_faithful", metrics)
         if run.rank == 0:  # rank-dependent: one writer
-            save_compact(run.carry / "faithful", model, spec, {"stage": "compacted_faithful", **metrics})
+            save_compact(run.checkpoint_files / "faithful", model, spec, {"stage": "compacted_faithful", **metrics})
 
-    def compact_and_write(self, run) -> None:
+    def compact_and_write(self, run: Run) -> None:
         """Hard-compact the finalized model, evaluate it, pick the mode, write the outputs."""
         from pruning import compact, load_compact
 
         m = self.masker
         model, spec = compact(_cpu_copy(run.model), m.groups, m.masks, mode="hard", input_size=run.input_size)
-        run.stage("compacted_hard", run.evaluate_candidate(model))
+        run.record_stage("compacted_hard", run.evaluate_candidate(model))
         mode, stages = self.cfg.pruning.compact_mode, run.state.stages
         if mode == "best":
             faithful = stages.get("compacted_faithful", {}).get("top1", -1.0)
             mode = "faithful" if faithful > stages["compacted_hard"].get("top1", -1.0) else "hard"
         if mode == "faithful" and run.rank == 0:  # rank-dependent: only rank 0 writes the outputs
-            model, spec, _ = load_compact(run.carry / "faithful")
-        write_outputs(run, model, spec, chosen=mode)
+            model, spec, _ = load_compact(run.checkpoint_files / "faithful")
+        write_outputs(run, model, spec, chosen=mode, extra={"mask_history": m.history})
 
 
 class HardPruning(NoPruning):
     """PFEC: at the start of `prune_epoch` one hard prune at the schedule's rate, compaction, and a
     fresh engine for the smaller model; the remaining epochs retrain it."""
 
-    def on_epoch_start(self, run) -> None:
+    def __init__(self, cfg: TrainConfig):
+        super().__init__(cfg)
+        self.compacted = False
+        self.history: list[dict] = []  # the prune event's statistics
+        self.last_progress: dict[str, float | None] = super().progress()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"compacted": self.compacted, "history": self.history, "progress": self.last_progress}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.compacted = bool(state.get("compacted", False))
+        self.history = list(state.get("history", []))
+        self.last_progress = dict(state.get("progress") or super().progress())
+
+    def progress(self) -> dict[str, float | None]:
+        return self.last_progress
+
+    def on_epoch_start(self, run: Run) -> None:
         from pruning import compact, make_schedule
 
         p, state = self.cfg.pruning, run.state
-        if state.compacted or state.epoch != p.prune_epoch:
+        if self.compacted or state.epoch != p.prune_epoch:
             return
         m = Masker(self.cfg, run)
         rate = make_schedule(p, self.cfg.epochs)(state.epoch)
-        m.event(run, m.chooser(rate, state.epoch), hard=True, rate=rate)
-        run.stage("pruned_masked", run.evaluate())
+        m.mask_event(run, m.chooser(rate, state.epoch), hard=True, rate=rate)
+        self.history, self.last_progress = m.history, m.progress()
+        run.record_stage("pruned_masked", run.evaluate())
         model, spec = compact(_cpu_copy(run.model), m.groups, m.masks, mode="hard", input_size=run.input_size)
         run.replace_model(model, spec)  # collective: a new DeepSpeed engine at the smaller shape
-        run.stage("compacted_before_retrain", run.evaluate())
+        self.compacted = True
+        run.record_stage("compacted_before_retrain", run.evaluate())
 
-    def on_finish(self, run) -> None:
-        run.stage("compacted_hard" if run.state.compacted else "final", run.last_eval)
-        write_outputs(run, run.model, _spec(run.model), chosen="hard" if run.state.compacted else "dense")
+    def on_finish(self, run: Run) -> None:
+        run.record_stage("compacted_hard" if self.compacted else "final", run.last_eval)
+        write_outputs(run, run.model, _spec(run.model), chosen="hard" if self.compacted else "dense",
+                      extra={"mask_history": self.history})
 
 
-def make_algorithm(cfg: TrainConfig):
+def total_epochs(cfg: TrainConfig) -> int:
+    """Training epochs plus what the configured algorithm adds (frozen-mask fine-tuning)."""
+    return cfg.epochs + make_algorithm(cfg).extra_epochs()
+
+
+def make_algorithm(cfg: TrainConfig) -> Algorithm:
     """The event handler for the configured method."""
     method = cfg.pruning.method
     if method in ("sfp", "asfp"):
@@ -225,8 +309,8 @@ def _cpu_copy(model):
     return copy.deepcopy(model).float().cpu().eval()
 
 
-def _count_dense(run) -> None:
-    if run.state.dense_counts is None and not run.state.compacted:
+def _count_dense(run: Run) -> None:
+    if run.state.dense_counts is None and run.state.arch_spec is None:  # a compacted model is no baseline
         from pruning import count_flops
 
         counts = count_flops(_cpu_copy(run.model), run.input_size)
@@ -234,7 +318,7 @@ def _count_dense(run) -> None:
                                   "channels": _spec(run.model).get("channels", {})}
 
 
-def _masked_cost(run, groups, masks) -> dict[str, Any]:
+def _masked_cost(run: Run, groups, masks) -> dict[str, Any]:
     from pruning import masked_cost
 
     counts = masked_cost(run.model, groups, masks, run.input_size)

@@ -6,7 +6,8 @@ Ray merges them in storage):
 deepspeed/            engine.save_checkpoint (model + ZeRO partitions), tag "ds"
 rank_<r>.pt           per-rank RNG states and loader position
 carry/                small files that must travel with the run (rank 0), e.g. compaction candidates
-softprune_state.json  rank 0: epoch, step, schedule position, masks, stages, wandb id, config, arch spec
+softprune_state.json  rank 0: epoch, step, the algorithm's state (masks, ...), stages, wandb id, config,
+                      arch spec
 ```
 A checkpoint is complete or absent: Ray registers it only after every rank's upload finished, and
 `restore` checks that every part is there before touching the engine.
@@ -40,11 +41,8 @@ class RunState:
     step: int = 0  # optimizer steps done within `epoch`
     global_step: int = 0
     world_size: int = 1
-    masks: dict | None = None  # MaskSet.to_state()
-    mask_history: list[dict] = field(default_factory=list)  # per event: epoch, rate, hash, rank hashes, churn
-    frozen: bool = False  # masks are hard and held (finalize or freeze epoch reached)
-    compacted: bool = False  # the model was compacted during training (PFEC)
-    arch_spec: dict | None = None  # shape to rebuild before loading, once compacted
+    algorithm: dict = field(default_factory=dict)  # the algorithm's own state_dict(), opaque here
+    arch_spec: dict | None = None  # shape to rebuild before loading, once the model was compacted
     stages: dict[str, dict] = field(default_factory=dict)  # stage name -> eval metrics
     dense_counts: dict | None = None  # params/macs of the dense model
     wandb_run_id: str | None = None
@@ -58,8 +56,11 @@ class RunState:
 
     @classmethod
     def from_json(cls, text: str) -> "RunState":
-        known = {k: v for k, v in json.loads(text).items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+        data = json.loads(text)
+        if "algorithm" not in data:  # written before algorithms owned their state
+            data["algorithm"] = {"masks": data.get("masks"), "history": data.get("mask_history", []),
+                                 "frozen": data.get("frozen", False), "compacted": data.get("compacted", False)}
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
 def rng_state() -> dict[str, Any]:

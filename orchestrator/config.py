@@ -146,11 +146,6 @@ class TrainConfig(_Section):
         return self
 
     @property
-    def total_epochs(self) -> int:
-        """Training epochs plus the frozen-mask fine-tuning epochs that finalize adds."""
-        return self.epochs + (self.pruning.finetune_epochs if self.pruning.method in ("sfp", "asfp") else 0)
-
-    @property
     def storage_abspath(self) -> str:
         """Ray wants an absolute path or a URI; a relative path is taken from the current dir."""
         return self.storage if "://" in self.storage else str(Path(self.storage).expanduser().resolve())

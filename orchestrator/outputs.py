@@ -21,7 +21,7 @@ def output_uri(storage: str, name: str) -> str:
     return f"{storage.rstrip('/')}/{name}/final"
 
 
-def build_report(run, model, spec: dict, chosen: str) -> dict[str, Any]:
+def build_report(run, model, spec: dict, chosen: str, extra: dict | None = None) -> dict[str, Any]:
     """Everything the run should tell a reader: sizes, every stage's accuracy, per-layer channels."""
     from pruning import count_flops
 
@@ -42,15 +42,16 @@ def build_report(run, model, spec: dict, chosen: str) -> dict[str, Any]:
         "epochs": {"trained": run.state.epoch, "configured": run.cfg.epochs,
                    "finetune": run.cfg.pruning.finetune_epochs},
         "resumed_from": run.state.resumed_from,
-        "mask_history": run.state.mask_history,
+        "mask_history": [],
         "history": run.state.history,
         "wandb_run_id": run.state.wandb_run_id,
         "wandb_run_dir": str(Path(run.logger.run_dir).parent) if run.logger.run_dir else None,
         "written_at": time.time(),
+        **(extra or {}),  # what the algorithm adds (its mask events)
     }
 
 
-def write_outputs(run, model, spec: dict, chosen: str) -> str:
+def write_outputs(run, model, spec: dict, chosen: str, extra: dict | None = None) -> str:
     """Every rank calls it (a barrier keeps them together); rank 0 builds and publishes the outputs."""
     target = output_uri(run.cfg.storage_abspath, run.cfg.name)
     if run.rank == 0:  # rank-dependent: one writer
@@ -59,8 +60,8 @@ def write_outputs(run, model, spec: dict, chosen: str) -> str:
         from .plots import write_run_plots
 
         model = model.float().cpu().eval()
-        report = build_report(run, model, spec, chosen)
-        staging = Path(tempfile.mkdtemp(prefix="sp_final_", dir=run.work))
+        report = build_report(run, model, spec, chosen, extra)
+        staging = Path(tempfile.mkdtemp(prefix="sp_final_", dir=run.scratch))
         save_compact(staging, model, spec, report)
         write_run_plots(report, run.cfg.pruning, run.cfg.epochs, staging)
         _publish(staging, target)

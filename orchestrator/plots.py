@@ -20,6 +20,25 @@ def _pyplot():
     return plt
 
 
+def plot_schedules(schedules: dict[str, Any], total_epochs: int, path: str | Path) -> Path:
+    """Rate-vs-epoch curves (`{label: schedule function}`) as a PNG."""
+    plt = _pyplot()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    epochs = list(range(total_epochs + 1))
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for label, fn in schedules.items():
+        ax.plot(epochs, [fn(e) for e in epochs], label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("pruning rate")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path
+
+
 def kept_channels_png(rows: list[list], directory: str | Path) -> Path:
     """Bar chart of dense vs kept output channels per conv; rows are [layer, dense, kept]."""
     plt = _pyplot()
@@ -65,7 +84,7 @@ def stages_png(report: dict[str, Any], directory: str | Path) -> Path | None:
 
 def write_run_plots(report: dict[str, Any], pruning_cfg, epochs: int, directory: str | Path) -> list[Path]:
     """All of a run's plots into `directory`; returns the files written."""
-    from pruning import make_schedule, plot_schedules
+    from pruning import make_schedule
 
     rows = [[layer, c["dense"], c["kept"]] for layer, c in report.get("per_layer", {}).items()]
     written = [kept_channels_png(rows, directory)] if rows else []

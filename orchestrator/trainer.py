@@ -72,10 +72,12 @@ def train(run: Run) -> None:
     cfg, state = run.cfg, run.state
     if state.finished:
         return
-    algo = make_algorithm(cfg)
-    progress = Progress(cfg.total_epochs, state.epoch, run.rank == 0, cfg.tracking.print_every_s)
+    algo = run.algorithm = make_algorithm(cfg)
+    algo.load_state_dict(state.algorithm)  # resumed: the checkpoint's; fresh: {}
+    epochs = cfg.epochs + algo.extra_epochs()
+    progress = Progress(epochs, state.epoch, run.rank == 0, cfg.tracking.print_every_s)
     event(algo.on_train_start, run)
-    while state.epoch < cfg.total_epochs:
+    while state.epoch < epochs:
         event(algo.on_epoch_start, run)
         epoch_metrics = train_epoch(run, algo, progress)
         event(algo.on_epoch_end, run)
@@ -83,7 +85,7 @@ def train(run: Run) -> None:
         state.history.append(dict(epoch=state.epoch, **epoch_metrics, **{f"val_{k}": v for k, v in run.last_eval.items()}))
         run.logger.log({"epoch": state.epoch, **{f"epoch/{k}": v for k, v in epoch_metrics.items()},
                         **{f"val/{k}": v for k, v in run.last_eval.items()}})
-        progress.epoch(state.epoch, epoch_metrics, run.last_eval, run.prune_summary())
+        progress.epoch(state.epoch, epoch_metrics, run.last_eval, algo.progress())
         state.epoch, state.step = state.epoch + 1, 0
         run.checkpoint({**epoch_metrics, **{f"val_{k}": v for k, v in run.last_eval.items()}})  # sync point
         if cfg.stop_after_epoch is not None and state.epoch > cfg.stop_after_epoch:

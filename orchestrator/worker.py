@@ -31,15 +31,16 @@ class Run:
         self._report = report_fn
         self.rank, self.world = rank_world()
         self.state = ckpt.RunState(world_size=self.world, config=cfg.model_dump(mode="json"))
-        self.work = Path(tempfile.mkdtemp(prefix=f"sp_run_r{self.rank}_"))
-        self.carry = self.work / "carry"  # rank 0's files that ride along in every checkpoint
-        self.carry.mkdir()
+        self.scratch = Path(tempfile.mkdtemp(prefix=f"sp_run_r{self.rank}_"))
+        self.checkpoint_files = self.scratch / "carry"  # rank 0's files that ride in every checkpoint (carry/)
+        self.checkpoint_files.mkdir()
         self.logger: NullLogger = NullLogger()
         self.engine = None
         self.loader_position: dict | None = None
         self.last_eval: dict[str, float] = {}
         self.input_size = cfg.data.image_size
         self.report: dict | None = None  # report.json content once the outputs are written (rank 0)
+        self.algorithm = None  # the loop's Algorithm: its state_dict() rides in every checkpoint
         self._restore(get_checkpoint_fn() if get_checkpoint_fn else None)
         self.train_loader, self.val_loader = self._loaders()
         if not self.state.finished:  # a re-launched finished run only reports; no new wandb session
@@ -65,7 +66,7 @@ class Run:
             ckpt.restore_engine(self.engine, d)  # sync point
             self.loader_position = ckpt.restore_rank(d, self.rank)
             if self.rank == 0:
-                ckpt.restore_carry(d, self.carry)
+                ckpt.restore_carry(d, self.checkpoint_files)
         # what was loaded, so a reader (and the resume test) can check it is what was saved
         self.state.resumed_from.append({"epoch": saved.epoch, "step": saved.step, "time": time.time(),
                                         "weights_sha256": weights_digest(self.model),
@@ -93,7 +94,7 @@ class Run:
         if hasattr(self.engine, "destroy"):
             self.engine.destroy()  # frees DeepSpeed's hooks and buffers of the old shape
         self._set_model(model)
-        self.state.compacted, self.state.arch_spec = True, spec
+        self.state.arch_spec = spec
 
     # -- evaluation and logging ------------------------------------------------------------
     def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
@@ -114,15 +115,7 @@ class Run:
         finally:
             model.cpu()
 
-    def prune_summary(self) -> dict[str, float | None]:
-        """The latest pruning rate and the fraction of the dense MACs the masks keep (for the
-        progress line); None before any mask event."""
-        events, dense = self.state.mask_history, (self.state.dense_counts or {}).get("macs")
-        rates = [e["rate"] for e in events if e.get("rate") is not None]
-        macs = events[-1].get("macs") if events else None
-        return {"rate": rates[-1] if rates else None, "macs_kept": macs / dense if macs and dense else None}
-
-    def stage(self, name: str, metrics: dict[str, Any]) -> None:
+    def record_stage(self, name: str, metrics: dict[str, Any]) -> None:
         """Record an evaluation stage (soft, hard, recalibrated, ...) for report.json and wandb."""
         self.state.stages[name] = dict(metrics, epoch=self.state.epoch)
         self.logger.log({f"stage/{name}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
@@ -138,8 +131,10 @@ class Run:
             self._checkpoint(metrics)
 
     def _checkpoint(self, metrics: dict[str, Any]) -> None:
-        local = ckpt.save(self.engine, self.state, self.rank, self.train_loader.state_dict(), self.carry,
-                          root=str(self.work))
+        if self.algorithm is not None:
+            self.state.algorithm = self.algorithm.state_dict()
+        local = ckpt.save(self.engine, self.state, self.rank, self.train_loader.state_dict(), self.checkpoint_files,
+                          root=str(self.scratch))
         try:
             if self._report is not None:
                 from ray.train import Checkpoint
@@ -155,4 +150,4 @@ class Run:
             if loader is not None:
                 loader.close()
         self.logger.finish()
-        shutil.rmtree(self.work, ignore_errors=True)
+        shutil.rmtree(self.scratch, ignore_errors=True)

@@ -10,13 +10,13 @@ from .chooser import groups_from_config, make_chooser
 from .compact import compact
 from .config import PruningConfig
 from .cost import masked_cost
-from .flops import Counts, count_flops, count_params
+from .macs import Counts, count_flops, count_params
 from .groups import Group, GroupSet, Member, build_groups
 from .importance import filter_scores, score
 from .io import load_compact, save_compact
 from .masks import MaskSet, full_masks
 from .presets import PRESETS, preset_names, preset_rates
-from .schedules import is_prune_epoch, make_schedule, plot_schedules
+from .schedules import is_prune_epoch, make_schedule
 from .select import kept_count, select
 
 __all__ = [
@@ -24,5 +24,5 @@ __all__ = [
     "build_groups", "compact", "count_flops", "count_params", "filter_scores", "full_masks",
     "groups_from_config", "is_prune_epoch", "kept_count", "load_compact", "make_chooser", "make_schedule",
     "masked_cost", "masked_tensors", "regrowth",
-    "plot_schedules", "preset_names", "preset_rates", "save_compact", "score", "select",
+    "preset_names", "preset_rates", "save_compact", "score", "select",
 ]

@@ -22,10 +22,10 @@ from torch.func import functional_call
 from models import ShortcutA, arch_spec, build_from_spec
 
 from .apply import masked_tensors
-from .flops import hw
+from .macs import hw
 from .groups import GroupSet
 from .masks import MaskSet
-from .plan import Plan, make_plan
+from .channel_plan import Plan, make_plan
 
 MODES = ("hard", "faithful")
 _RECORD_MAX = 64  # constants do not depend on the input size: record them on a small image

@@ -17,10 +17,10 @@ from torch import nn
 
 from models import arch_spec, build_from_spec
 
-from .flops import Counts, hw
+from .macs import Counts, hw
 from .groups import GroupSet
 from .masks import MaskSet
-from .plan import make_plan
+from .channel_plan import make_plan
 
 
 @functools.lru_cache(maxsize=32)

@@ -12,8 +12,7 @@ With a preset the goal is 1.0: the fraction of each layer's preset rate.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Callable
 
 from .config import PruningConfig
 
@@ -93,26 +92,3 @@ def is_prune_epoch(cfg: PruningConfig, epoch: int) -> bool:
     if cfg.resolved_schedule == "one_shot":
         return epoch == cfg.prune_epoch
     return epoch % cfg.every == 0
-
-
-def plot_schedules(schedules: Mapping[str, Schedule], total_epochs: int, path: str | Path) -> Path:
-    """Write rate-vs-epoch curves as a PNG (matplotlib's Agg backend; no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    epochs = list(range(total_epochs + 1))
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    for label, fn in schedules.items():
-        ax.plot(epochs, [fn(e) for e in epochs], label=label)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("pruning rate")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return path

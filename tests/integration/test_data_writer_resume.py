@@ -16,7 +16,7 @@ import pytest
 
 from data.imagenet import scan_imagenet
 from data.testing import write_imagenet_like_tree as make_tree
-from data.writer import plan_jobs
+from data.imagenet_writer import plan_jobs
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -62,7 +62,7 @@ def _val_top1(model, cfg) -> float:
 
 def test_asfp_stop_resume_finalize_compact(ray_cluster, shards, tmp_path):
     from orchestrator.driver import run_training
-    from orchestrator.offline import find_checkpoints, load_model
+    from orchestrator.saved_runs import find_checkpoints, load_model
     from orchestrator.model_setup import weights_digest
     from pruning import MaskSet, load_compact
 
@@ -74,7 +74,7 @@ def test_asfp_stop_resume_finalize_compact(ray_cluster, shards, tmp_path):
     saved_dir = find_checkpoints(tmp_path / "asfp")[-1]
     saved_model, saved = load_model(saved_dir)
     assert saved.epoch == 2 and [h["epoch"] for h in saved.history] == [0, 1]
-    saved_masks = MaskSet.from_state(saved.masks)
+    saved_masks = MaskSet.from_state(saved.algorithm["masks"])
 
     second = run_training(_config(shards, tmp_path, "asfp", **over))  # same name: resumes
     report = second["report"]
@@ -109,7 +109,8 @@ def test_asfp_stop_resume_finalize_compact(ray_cluster, shards, tmp_path):
     x = torch.randn(4, 3, 16, 16)
     checkpoints = find_checkpoints(tmp_path / "asfp")
     faithful, _, _ = load_compact(checkpoints[-1] / "carry" / "faithful")  # the candidate, shipped or not
-    soft_dir = max((d for d in checkpoints if not load_model(d)[1].frozen), key=lambda d: load_model(d)[1].epoch)
+    soft_dir = max((d for d in checkpoints if not load_model(d)[1].algorithm["frozen"]),
+                   key=lambda d: load_model(d)[1].epoch)
     soft_model, soft_state = load_model(soft_dir)  # the soft-masked model finalize started from
     assert soft_state.epoch == 3
     with torch.no_grad():
@@ -118,7 +119,7 @@ def test_asfp_stop_resume_finalize_compact(ray_cluster, shards, tmp_path):
         assert torch.allclose(faithful.eval()(x), soft_model.eval()(x), atol=1e-4)
     assert json.loads((Path(second["output"]) / "arch.json").read_text())["model"] == "resnet20"
     # `softprune compact` path: the latest checkpoint, hard-compacted offline, is the same network
-    from orchestrator.offline import compact_checkpoint
+    from orchestrator.saved_runs import compact_checkpoint
 
     out, _ = compact_checkpoint(tmp_path / "asfp", None, "hard")
     offline_model, _, _ = load_compact(out)
@@ -128,14 +129,14 @@ def test_asfp_stop_resume_finalize_compact(ray_cluster, shards, tmp_path):
 
 def test_pfec_compacts_mid_run_and_resumes_compacted(ray_cluster, shards, tmp_path):
     from orchestrator.driver import run_training
-    from orchestrator.offline import find_checkpoints, load_model
+    from orchestrator.saved_runs import find_checkpoints, load_model
     from pruning import load_compact
 
     over = {"pruning.method": "pfec", "pruning.policy": "pfec", "pruning.criterion": "l1",
             "pruning.rate": 0.5, "pruning.prune_epoch": 1, "scaling.zero_stage": 2}
     run_training(_config(shards, tmp_path, "pfec", **over, stop_after_epoch=1))
     saved_model, saved = load_model(find_checkpoints(tmp_path / "pfec")[-1])  # rebuilt at its small shape
-    assert saved.compacted and saved.arch_spec is not None and saved.epoch == 2
+    assert saved.algorithm["compacted"] and saved.arch_spec is not None and saved.epoch == 2
     dense_params = saved.dense_counts["params"]
     assert sum(p.numel() for p in saved_model.parameters()) < dense_params
 

@@ -72,8 +72,10 @@ def test_every_recipe_validates():
 
 
 def test_total_epochs_adds_finetuning_only_for_soft_methods():
-    assert load_config(BASE, ["epochs=5", "pruning.method=asfp", "pruning.finetune_epochs=2"]).total_epochs == 7
-    assert load_config(BASE, ["epochs=5", "pruning.method=pfec", "pruning.finetune_epochs=2"]).total_epochs == 5
+    from orchestrator.algorithms import total_epochs
+
+    assert total_epochs(load_config(BASE, ["epochs=5", "pruning.method=asfp", "pruning.finetune_epochs=2"])) == 7
+    assert total_epochs(load_config(BASE, ["epochs=5", "pruning.method=pfec", "pruning.finetune_epochs=2"])) == 5
 
 
 def test_cli_train_rejects_bad_config_before_ray(capsys):

@@ -34,3 +34,12 @@ def test_no_schedule_plot_without_pruning_and_no_stage_plot_without_stages(tmp_p
 @pytest.mark.parametrize("bad", [{"soft": "not a result"}])
 def test_stage_plot_ignores_entries_without_top1(tmp_path, bad):
     assert stages_png(_report(bad), tmp_path) is None
+
+
+def test_schedule_plot_writes_a_png(tmp_path):
+    from orchestrator.plots import plot_schedules
+    from pruning import PruningConfig, make_schedule
+
+    cfgs = {"sfp": PruningConfig(method="sfp", rate=0.4), "asfp": PruningConfig(method="asfp", rate=0.4)}
+    path = plot_schedules({k: make_schedule(c, 50) for k, c in cfgs.items()}, 50, tmp_path / "s.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000

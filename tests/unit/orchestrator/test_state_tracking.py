@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -13,10 +14,19 @@ from orchestrator.tracking import NullLogger, make_logger, resolve_mode
 
 
 def test_run_state_round_trip_and_unknown_keys():
-    state = ckpt.RunState(epoch=3, step=5, world_size=2, masks={"epoch": 2, "groups": {}}, frozen=True,
+    state = ckpt.RunState(epoch=3, step=5, world_size=2, algorithm={"masks": {"epoch": 2, "groups": {}}, "frozen": True},
                           arch_spec={"model": "resnet20", "channels": {"conv1": 8}}, wandb_run_id="abc")
     text = state.to_json().replace('"finished": false', '"finished": false, "from_the_future": 1')
     assert ckpt.RunState.from_json(text) == state
+    assert "masks" not in json.loads(state.to_json())  # the run state names no pruning concept
+
+
+def test_a_checkpoint_from_before_algorithm_state_still_resumes():
+    old = {"epoch": 4, "world_size": 2, "masks": {"epoch": 3, "groups": {}}, "mask_history": [{"epoch": 3}],
+           "frozen": True, "compacted": False}
+    state = ckpt.RunState.from_json(json.dumps(old))
+    assert state.algorithm == {"masks": {"epoch": 3, "groups": {}}, "history": [{"epoch": 3}], "frozen": True,
+                               "compacted": False}
 
 
 def test_read_state_requires_every_part(tmp_path):

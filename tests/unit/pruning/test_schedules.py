@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from pruning import PruningConfig, is_prune_epoch, make_schedule, plot_schedules
+from pruning import PruningConfig, is_prune_epoch, make_schedule
 
 
 def _cfg(**kw):
@@ -61,12 +61,6 @@ def test_prune_epochs():
     assert [e for e in range(10) if is_prune_epoch(cfg, e)] == [0, 3, 6]
     pfec = PruningConfig(method="pfec", prune_epoch=2)
     assert [e for e in range(5) if is_prune_epoch(pfec, e)] == [2]
-
-
-def test_plot_writes_a_png(tmp_path):
-    cfgs = {"sfp": _cfg(), "asfp": PruningConfig(method="asfp", rate=0.4)}
-    path = plot_schedules({k: make_schedule(c, 50) for k, c in cfgs.items()}, 50, tmp_path / "s.png")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
 
 
 def test_too_short_runs_are_rejected():

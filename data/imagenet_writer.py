@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from data.decode import check_decodes, open_image
 from data.imagenet import scan_imagenet
 from data.manifest import MANIFEST_NAME
-from data.shardwriter import PROGRESS_DIR, BadFile, Sample, ShardJob, write_shard_set
+from data.shardset_writer import PROGRESS_DIR, BadFile, Sample, ShardJob, write_shard_set
 
 DEFAULT_SHARD_MB = 128
 TAR_OVERHEAD = 1536  # two 512-byte headers plus padding per sample, roughly

@@ -60,9 +60,10 @@ def compact_checkpoint(run_dir: str | Path, out: str | Path | None, mode: str = 
     latest = find_checkpoints(run_dir)[-1]
     model, state = load_model(latest)
     size = (state.config or {}).get("data", {}).get("image_size") or model.softprune_meta.input_size
-    if state.masks is not None and not state.compacted:
+    masks_state = state.algorithm.get("masks")
+    if masks_state is not None and state.arch_spec is None:  # masked, not yet compacted in training
         groups = groups_from_config(model, PruningConfig.model_validate(state.config["pruning"]))
-        masks = MaskSet.from_state(state.masks)
+        masks = MaskSet.from_state(masks_state)
         masks.check(groups)
         if mode == "hard":
             apply_masks(model, groups, masks, hard=True)
