@@ -177,10 +177,21 @@ class _WorkerPool:
 
     def close(self) -> None:
         iterator, self.iterator = self.iterator, None
-        if iterator is not None:
-            # torch's own shutdown (what the iterator's __del__ runs), made deterministic: stop
-            # the workers, join them, kill any that do not exit.
+        if iterator is None:
+            return
+        # torch's own shutdown (what the iterator's __del__ runs), made deterministic: stop the
+        # workers, join them, kill any that do not exit. A worker can abort while exiting
+        # ("terminate called without an active exception" from a native thread at teardown, seen
+        # once in ~20 suite runs); torch's SIGCHLD handler then raises in the middle of the join.
+        # That must not replace the error that made us close (a corrupt shard), so finish the
+        # shutdown by hand instead.
+        try:
             iterator._shutdown_workers()
+        except RuntimeError:
+            for worker in getattr(iterator, "_workers", []):
+                if worker.is_alive():
+                    worker.terminate()
+                worker.join(timeout=5)
 
 
 def _check_rank(rank: int, world_size: int) -> None:

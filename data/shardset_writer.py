@@ -13,7 +13,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,33 +63,27 @@ class _HashingWriter:
         return self.raw.write(data)
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    # Fixed metadata (mtime 0, no owner) so that the same samples always give the same bytes.
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o444
-    tar.addfile(info, _BytesReader(data))
-
-
-class _BytesReader:
-    def __init__(self, data: bytes):
-        self.data, self.offset = data, 0
-
-    def read(self, n: int = -1) -> bytes:
-        end = len(self.data) if n < 0 else self.offset + n
-        chunk, self.offset = self.data[self.offset:end], min(end, len(self.data))
-        return chunk
-
-
 def write_tar(path: Path, samples: Iterable[Sample]) -> tuple[int, int, str]:
-    """Write samples as `KEY.jpg` + `KEY.cls` into `path` atomically; (count, bytes, sha256)."""
+    """Write samples as `KEY.jpg` + `KEY.cls` into `path` atomically; (count, bytes, sha256).
+
+    The members are written by webdataset's `TarWriter`, with fixed metadata (mtime 0, no owner,
+    mode 0444, pax format) so that the same samples always give the same bytes. `TarWriter.write`
+    puts a dict's members in sorted-extension order (`.cls` before `.jpg`); each sample is written
+    as two single-member dicts instead, image first, so the shards stay byte-identical to the ones
+    written before (their manifests' sha256 can be reproduced).
+    """
+    # Imported here: importing webdataset imports torch (write_shard_set loads it before forking).
+    from webdataset.writer import TarWriter
+
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     count = 0
     with open(tmp, "wb") as raw:
         writer = _HashingWriter(raw)
-        with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        with TarWriter(writer, user="", group="", mode=0o444, mtime=0, encoder=False,
+                       format="PAX_FORMAT") as tar:
             for sample in samples:
-                _add_member(tar, f"{sample.key}.jpg", sample.image)
-                _add_member(tar, f"{sample.key}.cls", str(sample.label).encode())
+                tar.write({"__key__": sample.key, "jpg": sample.image})
+                tar.write({"__key__": sample.key, "cls": str(sample.label).encode()})
                 count += 1
     os.replace(tmp, path)
     return count, writer.nbytes, writer.sha.hexdigest()
@@ -179,6 +172,9 @@ def write_shard_set(out_dir: str | Path, jobs: list[ShardJob], producer: Produce
     `sizes` maps job name -> planned samples (for the progress bar). `settings` identifies the
     shard set: a re-run with the same settings resumes, different settings are refused.
     """
+    # Once here, not in every forked worker: importing webdataset imports torch.
+    import webdataset.writer  # noqa: F401
+
     out_dir = Path(out_dir)
     (out_dir / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
     _clean_temporaries(out_dir)

@@ -15,6 +15,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+
+# read_range's webdataset pieces, imported here with torch (they then cost little more) so that
+# loader workers have them loaded before their first read.
+import webdataset.tariterators  # noqa: F401
 from torch.utils.data import IterableDataset, get_worker_info
 
 from data.decode import decode_crop, decode_full

@@ -1,5 +1,14 @@
 """Opening shard URLs: local paths, `file://`, `http(s)://` and `pipe:` commands.
 
+Every URL is opened by webdataset's `gopen` and its URL handlers: local paths and `file://` as
+plain (seekable) files, `pipe:CMD` as the stdout of a shell command, `http(s)://` through `curl`
+(so `curl` must be on PATH; `check_url` says so at start if it is not). What stays ours: which
+URLs we accept (`url_kind`), the cheap start-up checks (stat, HTTP HEAD, `which`: `gopen` has no
+such thing), and the handling of gopen's `Pipe`: `close_stream` (its `close` waits up to two hours
+for a command still writing when a reader stops early, and raises on the exit status),
+`raw_stream` (its `read` polls the process on every read) and `failed_status`/`command_failure`
+(the exit status, checked once). See the top of `data/tario.py`.
+
 Object stores are reached through `pipe:` commands that write the object to stdout, e.g.
 `pipe:aws s3 cp s3://bucket/in1k/train-000000.tar -` or
 `pipe:gcloud storage cat gs://bucket/in1k/train-000000.tar` (or `gsutil cat`). Plain `s3://` and
@@ -18,6 +27,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 HTTP_TIMEOUT_S = 60
+PIPE_BUFFER = 1 << 20  # stdout buffer of pipe: commands and curl
 
 
 def url_kind(url: str) -> str:
@@ -38,53 +48,82 @@ def local_path(url: str) -> Path:
     return Path(url[len("file://"):] if url.startswith("file://") else url)
 
 
-class _PipeReader:
-    """stdout of a shell command as a binary stream; reports a failed command on close."""
-
-    def __init__(self, command: str):
-        self.command = command
-        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, bufsize=1 << 20)
-        self.returncode: int | None = None
-
-    def read(self, n: int = -1) -> bytes:
-        return self.proc.stdout.read(n)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:  # stopped early (mid-epoch break): do not wait for the rest
-            self.proc.kill()
-        self.proc.stdout.close()
-        self.returncode = self.proc.wait()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
 def open_url(url: str) -> BinaryIO:
-    """A readable binary stream for `url` (seekable for local files)."""
-    kind = url_kind(url)
-    if kind == "pipe":
-        return _PipeReader(url[len("pipe:"):])
-    if kind == "http":
-        try:
-            return urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S)
-        except (urllib.error.URLError, OSError) as exc:
-            raise FileNotFoundError(f"cannot open {url}: {exc}") from exc
-    return open(local_path(url), "rb")
+    """A readable binary stream for `url` from webdataset's `gopen` (seekable for local files).
+
+    Local files that cannot be opened raise here; a failing command or an unreachable HTTP host
+    shows as an OSError on reading or in `close_stream(check=True)` (gopen runs them as processes).
+    """
+    # Imported on first use: importing webdataset imports torch, which `import data` avoids.
+    from webdataset.gopen import gopen
+
+    if url_kind(url) == "file":
+        return gopen(local_path(url).absolute().as_uri(), "rb")
+    return gopen(url, "rb", bufsize=PIPE_BUFFER)
+
+
+def close_stream(stream, check: bool = False) -> None:
+    """Close a stream from `open_url`. Without `check`, a command still running (the reader
+    stopped early) is killed, not waited for, and its exit status ignored (readers account for
+    missing data themselves). With `check` (the stream was read to its end), a command that failed
+    raises OSError naming its status."""
+    from webdataset.gopen import Pipe
+
+    if not isinstance(stream, Pipe):
+        stream.close()
+        return
+    if not check and stream.proc.poll() is None:
+        stream.proc.kill()
+    stream.ignore_errors = True  # else gopen raises from close (and again from __del__)
+    stream.close()
+    failure = command_failure(stream) if check else None
+    if failure:
+        raise OSError(failure)
+
+
+def raw_stream(stream):
+    """What to read a stream from `open_url` through: for a `gopen` pipe, the command's stdout
+    itself. `Pipe.read` polls the process on every read (tarfile reads 10 KiB at a time: about 15%
+    of a streamed shard's reading CPU); callers check the status once instead (`failed_status`)."""
+    return getattr(stream, "stream", stream) if getattr(stream, "proc", None) is not None else stream
+
+
+def failed_status(stream, wait_s: float = 0.0) -> int | None:
+    """The exit status of the command behind a `gopen` pipe if it has failed (waiting up to
+    `wait_s` for it to end), else None."""
+    proc = getattr(stream, "proc", None)
+    if proc is None:
+        return None
+    try:
+        status = proc.wait(wait_s) if wait_s else proc.poll()
+    except subprocess.TimeoutExpired:
+        return None
+    return None if status is None or status in stream.ignore_status else status
+
+
+def command_failure(stream, wait_s: float = 0.0) -> str | None:
+    """'command CMD exited with status N' if the command behind a `gopen` pipe failed (waiting up
+    to `wait_s` for it to end), else None."""
+    status = failed_status(stream, wait_s)
+    if status is None:
+        return None
+    command = stream.args[0][0]  # Pipe keeps Popen's (args, kwargs)
+    command = " ".join(command) if isinstance(command, list) else command
+    return f"command {command!r} exited with status {status}"
 
 
 def read_bytes(url: str) -> bytes:
-    """The whole object at `url` (used for manifests)."""
+    """The whole object at `url` (used for manifests); OSError if it cannot be read."""
     stream = open_url(url)
     try:
         data = stream.read()
-    finally:
-        stream.close()
-    code = getattr(stream, "returncode", 0)
-    if code:
-        raise ValueError(f"command {url!r} exited with status {code}")
+    except OSError as exc:  # gopen's pipe raises as soon as it sees the command fail
+        close_stream(stream)
+        raise OSError(command_failure(stream) or str(exc)) from exc
+    except BaseException:
+        close_stream(stream)
+        raise
+    close_stream(stream, check=True)
     return data
 
 
@@ -98,6 +137,8 @@ def check_url(url: str) -> str | None:
         if not words:
             return "empty pipe: command"
         return None if shutil.which(words[0]) else f"command {words[0]!r} not found on PATH"
+    if not shutil.which("curl"):
+        return "reading http(s) shards needs curl on PATH (webdataset's gopen uses it)"
     return _check_http(url)
 
 

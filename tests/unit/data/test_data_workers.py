@@ -172,3 +172,32 @@ def test_mp_context_defaults_to_spawn_and_fork_needs_asking():
     assert DataConfig(mp_context="fork").mp_context == "fork"
     with pytest.raises(ValueError, match="mp_context"):
         DataConfig(mp_context="threads")
+
+
+def _sleep_long() -> None:
+    import time
+
+    time.sleep(60)
+
+
+def test_close_survives_a_worker_that_aborts_while_exiting():
+    """torch raises from its SIGCHLD handler when a worker dies by a signal during the join (a
+    native thread aborting at teardown, seen in a suite run); close() must still stop every worker
+    and raise nothing, so the error that made the loader close is the one the user sees."""
+    import multiprocessing
+
+    from data.loader import _WorkerPool
+
+    worker = multiprocessing.get_context("spawn").Process(target=_sleep_long)
+    worker.start()
+
+    class AbortingShutdown:  # torch's iterator at the moment its join is interrupted
+        _workers = [worker]
+
+        def _shutdown_workers(self):
+            raise RuntimeError(f"DataLoader worker (pid {worker.pid}) is killed by signal: Aborted.")
+
+    pool = _WorkerPool.__new__(_WorkerPool)
+    pool.iterator = AbortingShutdown()
+    pool.close()
+    assert not worker.is_alive() and pool.iterator is None
