@@ -45,6 +45,18 @@ def dropped_rows(groups, masks, hard: bool) -> dict[str, torch.Tensor]:
     return out
 
 
+def _rows_touched(flags: torch.Tensor, start: int, per_row: int, rows: int) -> torch.Tensor:
+    """Rows (of `per_row` flat elements) in which a flat piece starting at `start` has a True
+    flag: padded to whole rows and reduced, O(piece) with no index sort."""
+    lead = start % per_row
+    padded = torch.cat([flags.new_zeros(lead), flags, flags.new_zeros(-(lead + len(flags)) % per_row)])
+    out = torch.zeros(rows, dtype=torch.bool)
+    first = start // per_row
+    touched = padded.view(-1, per_row).any(1)
+    out[first:first + len(touched)] = touched
+    return out
+
+
 class Coordinator:
     """Owns the channel groups of one model (or engine) and runs pruning events on it."""
 
@@ -130,8 +142,7 @@ class Coordinator:
         nonzero = (p.detach().reshape(rows, -1) != 0).any(1).cpu()
         per_row = p.numel() // rows
         for start, piece in self.master.held_pieces(p):
-            hit = torch.nonzero(piece.cpu() != 0).flatten() + start
-            nonzero[torch.unique(hit // per_row)] = True
+            nonzero |= _rows_touched(piece.detach().cpu() != 0, start, per_row, rows)
         return ~nonzero
 
     def verify(self, masks, hard: bool) -> list[str]:
