@@ -2,7 +2,9 @@
 
 The rank and world size are passed in (the trainer reads them from torch.distributed); this
 module never talks to other ranks. Equal batch counts on every rank follow from the planning
-rule in `data.plan`, which every rank evaluates identically.
+rule in `data.plan`, which every rank evaluates identically. The train position is the same on
+every rank and does not depend on the world size (`data.position`): a run stopped on N ranks
+resumes on M ranks within the same epoch, every sample of the epoch read once.
 
 Worker processes are started once per loader, on its first pass, and kept until `close()`: a
 training process holds many threads (Ray, wandb, gloo), and starting workers per pass, by fork,
@@ -18,10 +20,9 @@ from torch.utils.data import DataLoader
 
 from data.config import DataConfig
 from data.plan import train_batches, val_batches
+from data.position import MAX_PHASES, Fingerprint, LoaderState, Phase, parse_state, pool_sizes
 from data.sources import ShardSet, resolve_source
 from data.stream import EpochCursor, EpochPlanner, RunStream, StreamSpec
-
-STATE_VERSION = 1
 
 
 class StreamingLoader:
@@ -32,15 +33,26 @@ class StreamingLoader:
     `data.normalize`), labels int64 [B], and `valid` marks the padding that evens out the ranks
     (exclude valid=False items from metrics). Every batch has exactly `batch_size` items.
 
-    `len(loader)` is the number of batches per epoch, the same on every rank (see data.plan).
-    `state_dict()` records (epoch, batches yielded, bad-sample count); after `load_state_dict`,
-    the next iteration of that epoch starts at the recorded batch and yields exactly what an
-    uninterrupted run would have yielded next. The position is identical on all ranks, so any
-    rank's state resumes every rank (`bad_samples` is this rank's own counter). Without a loaded
-    state, each iteration starts the epoch from its first batch, like a DataLoader.
+    Position. An epoch is played in phases (data.plan): a fresh epoch is one phase; loading a
+    state written under another layout (world size, workers, batch size or shuffle buffer) starts
+    a new phase over the samples the epoch has not read yet.
+    - `len(loader)`: batches per rank in the current phase, counted from the phase's start (the
+      whole epoch unless resumed on another layout); the same on every rank.
+    - `position`: batches of the current phase yielded so far (a pass yields len - position
+      after a resume, len otherwise).
+    - `samples_done()`: samples consumed in this epoch over all ranks and phases, the batch just
+      yielded included; `epoch_samples()`: what it reaches at the epoch's end. Their ratio is the
+      fraction of the epoch done, whatever the world size history.
+    `state_dict()` is that position: JSON-able, small, identical on every rank (so any rank's
+    state resumes every rank, at any world size). After `load_state_dict`, the next iteration of
+    that epoch goes on from there: on the same layout it yields exactly what an uninterrupted run
+    would have yielded next; on another one it plays the rest of the epoch (see data.plan for the
+    few samples the last phase drops). Later iterations of the same epoch replay the current
+    phase from its start, like a DataLoader; `set_epoch` to another epoch starts that epoch whole.
 
-    `bad_samples` counts unreadable samples this rank met (a metric): in training their slot is
-    filled by another sample of the same batch; in validation it is marked valid=False.
+    `bad_samples` counts unreadable samples this rank met (a metric, not in the state: it differs
+    per rank): in training their slot is filled by another sample of the same batch; in
+    validation it is marked valid=False.
 
     With `num_workers` > 0 the worker processes start on the first iteration and serve every
     later one (`cfg.mp_context`, spawn by default); `close()` stops them (the training code calls
@@ -53,12 +65,13 @@ class StreamingLoader:
         self.shards, self.cfg, self.rank, self.world_size, self.train = shards, cfg, rank, world_size, train
         self.num_workers = max(1, cfg.num_workers)  # logical workers; 0 means one, in-process
         self.epoch, self.position, self.bad_samples = 0, 0, 0
+        self.prior: tuple[Phase, ...] = ()  # the epoch's earlier phases (after a resume elsewhere)
         self._resume_at: int | None = None
         self._planner = self._make_planner()
         self._workers: _WorkerPool | None = None  # started by the first pass with num_workers > 0
         self._pass = 0  # counts iterations; an abandoned one must not be resumed
-        count = train_batches if train else val_batches
-        self.batches = count(shards.total, world_size, cfg.batch_size)
+        self._count = train_batches if train else val_batches
+        self.batches = self._count(shards.total, world_size, cfg.batch_size)  # in the current phase
         if self.batches == 0:
             raise ValueError(
                 f"{shards.source}: {shards.total} {'train' if train else 'val'} samples are fewer than "
@@ -80,10 +93,37 @@ class StreamingLoader:
         return self.batches
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch the next iteration plays (shard order and augmentation depend on it)."""
+        """Select the epoch the next iteration plays (shard order and augmentation depend on it).
+        Another epoch than the current one starts whole, at this loader's layout."""
         if epoch != self.epoch:
-            self._resume_at = None
+            self._resume_at, self.position = None, 0
+            self._set_prior(())
         self.epoch = int(epoch)
+
+    @property
+    def next_start(self) -> int:
+        """Batch position the next iteration starts at: a restored position, else 0 (a new pass
+        replays the current phase from its start)."""
+        return self._resume_at or 0
+
+    def samples_done(self) -> int:
+        """Samples consumed so far in this epoch, over all ranks and phases."""
+        return sum(p.samples for p in self.prior) + self._phase(self.position).samples
+
+    def epoch_samples(self) -> int:
+        """Samples the epoch consumes in all once its current phase ends (the total minus the
+        samples its last phase cannot place, data.plan)."""
+        return sum(p.samples for p in self.prior) + self._phase(self.batches).samples
+
+    def _phase(self, batches: int) -> Phase:
+        """This loader's layout, having yielded `batches` batches."""
+        c = self.cfg
+        return Phase(world_size=self.world_size, num_workers=self.num_workers, batch_size=c.batch_size,
+                     shuffle_buffer=c.shuffle_buffer if self.train else None, batches=batches)
+
+    def _set_prior(self, prior: tuple[Phase, ...]) -> None:
+        left = pool_sizes(self.shards.total, list(prior))[-1]
+        self.prior, self.batches = prior, self._count(left, self.world_size, self.cfg.batch_size)
 
     def _make_planner(self) -> EpochPlanner:
         c = self.cfg
@@ -97,10 +137,10 @@ class StreamingLoader:
 
     def _batches(self, start: int):
         if self.cfg.num_workers == 0:
-            return iter(self._planner.stream(self.epoch, start))
+            return iter(self._planner.stream(self.epoch, start, self.prior))
         if self._workers is None:
             self._workers = _WorkerPool(self._planner, self.cfg)
-        return self._workers.play(self.epoch, start)
+        return self._workers.play(self.epoch, start, self.prior)
 
     def __iter__(self):
         start, self._resume_at = (self._resume_at or 0), None
@@ -126,40 +166,50 @@ class StreamingLoader:
         if workers is not None:
             workers.close()
 
-    def _fingerprint(self) -> dict[str, Any]:
-        c = self.cfg
-        out = {"split": "train" if self.train else "val", "shards": self.shards.digest(),
-               "world_size": self.world_size, "num_workers": self.num_workers,
-               "batch_size": c.batch_size}
-        if self.train:
-            out.update(seed=c.seed, shuffle_buffer=c.shuffle_buffer)
-        return out
+    def _fingerprint(self) -> Fingerprint:
+        return Fingerprint(split="train" if self.train else "val", shards=self.shards.digest(),
+                           seed=self.cfg.seed if self.train else None)
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-able position: {"version", "epoch", "position", "bad_samples", "fingerprint"}."""
-        return {"version": STATE_VERSION, "epoch": self.epoch, "position": self.position,
-                "bad_samples": self.bad_samples, "fingerprint": self._fingerprint()}
+        """JSON-able position, the same on every rank: {"version", "epoch", "phases",
+        "fingerprint"}; phases that yielded nothing are left out."""
+        phases = [p for p in (*self.prior, self._phase(self.position)) if p.batches > 0]
+        return LoaderState(epoch=self.epoch, phases=phases, fingerprint=self._fingerprint()).model_dump()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume at `state`'s position; ValueError if it was made under different settings
-        (world size, workers, batch size, seed, buffer or shards), which would change the order."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
-        mine, theirs = self._fingerprint(), state.get("fingerprint", {})
-        changed = [f"{k}: {theirs.get(k)!r} -> {v!r}" for k, v in mine.items() if theirs.get(k) != v]
+        """Resume at `state`'s position, written at any world size, worker count, batch size or
+        shuffle buffer (older per-rank states too). ValueError in one line if it belongs to
+        another shard set, split or seed, or does not fit its own layouts."""
+        saved = parse_state(state)
+        mine, theirs = self._fingerprint().model_dump(), saved.fingerprint.model_dump()
+        changed = [f"{k}: {theirs[k]!r} -> {v!r}" for k, v in mine.items() if theirs[k] != v]
         if changed:
-            raise ValueError("cannot resume the data position exactly, settings changed: " + "; ".join(changed))
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self.bad_samples = int(state.get("bad_samples", 0))
-        self._resume_at = self.position
+            raise ValueError("cannot resume the data position, the saved state differs in " + "; ".join(changed))
+        phases = [p for p in saved.phases if p.batches > 0]
+        here = self._phase(0)
+        if phases and phases[-1].same_layout(here):  # the stopped phase goes on exactly
+            prior, position = tuple(phases[:-1]), phases[-1].batches
+        else:
+            prior, position = tuple(phases), 0
+        if prior and not self.train:
+            raise ValueError("a validation position resumes only on the layout that wrote it: "
+                             f"{phases[-1].model_dump(exclude={'batches'})} -> {here.model_dump(exclude={'batches'})}")
+        if len(prior) > MAX_PHASES:
+            raise ValueError(f"loader state: more than {MAX_PHASES} layout changes within epoch {saved.epoch}")
+        if self.train:
+            pool_sizes(self.shards.total, [*prior, here.model_copy(update={"batches": position})])
+        elif position > self.batches:
+            raise ValueError(f"loader state: {position} validation batches, but there are only {self.batches}")
+        self.epoch, self.position, self._resume_at = saved.epoch, position, position
+        self._set_prior(prior)
 
 
 class _WorkerPool:
     """One loader's worker processes, started on the first pass and kept for the whole run.
 
     A single DataLoader with persistent workers over a `RunStream`: before each pass the main
-    process writes (epoch, start) into the shared cursor, then `iter()` makes torch start the
-    workers (first pass) or tell them that a new pass begins (every later one).
+    process writes (epoch, start, earlier phases) into the shared cursor, then `iter()` makes
+    torch start the workers (first pass) or tell them that a new pass begins (every later one).
     """
 
     def __init__(self, planner: EpochPlanner, cfg: DataConfig):
@@ -170,8 +220,8 @@ class _WorkerPool:
                                  pin_memory=cfg.pin_memory, multiprocessing_context=ctx)
         self.iterator = None
 
-    def play(self, epoch: int, start: int):
-        self.cursor.set(epoch, start)
+    def play(self, epoch: int, start: int, prior: tuple[Phase, ...] = ()):
+        self.cursor.set(epoch, start, prior)
         self.iterator = iter(self.loader)  # the same torch iterator every pass (persistent workers)
         return self.iterator
 

@@ -6,7 +6,9 @@ would have: the shuffle order is precomputed over positions (`plan.buffer_order`
 batch draws its augmentation from a generator seeded by its own index.
 
 Workers live for the whole run (`RunStream`): each pass they rebuild their plan from the
-(epoch, start) that the main process wrote into an `EpochCursor` just before the pass began.
+(epoch, start, earlier phases) that the main process wrote into an `EpochCursor` just before the
+pass began. After a resume on another layout the plan covers only what the earlier phases of the
+epoch left (data.plan, data.position): pieces with holes, read sequentially, holes skipped.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import webdataset.tariterators  # noqa: F401
 from torch.utils.data import IterableDataset, get_worker_info
 
 from data.decode import decode_crop, decode_full
-from data.plan import WorkerPlan, batches_done, buffer_order, plan_train, plan_val
+from data.plan import WorkerPlan, batches_done, buffer_order, plan_train, plan_val, stream_seed
+from data.position import MAX_PHASES, Phase, remaining
 from data.tario import read_range
 from data.transforms import centre_crop_box, pad_crop, pad_crop_offsets, random_resized_crop_box
 
@@ -49,6 +52,7 @@ class StreamSpec:
     max_bad_fraction: float
     shard_counts: dict  # url -> samples in the whole shard (denominator of the bad fraction)
     num_classes: int | None
+    phase: int = 0  # which phase of the epoch this pass plays (seeds; data.plan.stream_seed)
 
 
 class ImageTransform:
@@ -97,9 +101,23 @@ class _SampleSource:
             if base + piece.size <= first:
                 continue
             skip = max(first - base, 0)
-            for index, entry in read_range(piece.url, piece.start + skip, piece.stop,
-                                           want=lambda i, b=base - piece.start: not self.emitted[b + i]):
-                yield base + index - piece.start, entry
+            if piece.index is None:
+                for index, entry in read_range(piece.url, piece.start + skip, piece.stop,
+                                               want=lambda i, b=base - piece.start: not self.emitted[b + i]):
+                    yield base + index - piece.start, entry
+            else:
+                yield from self._read_holed(piece, base, skip)
+
+    def _read_holed(self, piece, base: int, skip: int):
+        """A piece with holes (samples earlier phases of the epoch read): one sequential read of
+        its shard range, the holes skipped like samples already emitted."""
+        local = np.full(piece.stop - piece.start, -1, dtype=np.int64)  # in-shard index -> position
+        local[piece.index - piece.start] = np.arange(base, base + piece.size)
+        wanted = lambda i: (p := local[i - piece.start]) >= 0 and not self.emitted[p]
+        for index, entry in read_range(piece.url, int(piece.index[skip]), piece.stop, want=wanted):
+            pos = int(local[index - piece.start])
+            if pos >= 0:
+                yield pos, entry
 
     def get(self, emission: int):
         """(position, entry) of emission number `emission` (called in increasing order)."""
@@ -171,7 +189,7 @@ class EpochStream(IterableDataset):
 
     def _rng(self, plan: WorkerPlan, *extra: int) -> np.random.Generator:
         s = self.spec
-        return np.random.default_rng([s.seed, s.epoch, s.rank, plan.worker, *extra])
+        return np.random.default_rng(stream_seed(s.seed, s.epoch, s.phase, s.rank, plan.worker, *extra))
 
     def _train(self, plan: WorkerPlan, first: int):
         size = self.spec.batch_size
@@ -267,35 +285,52 @@ class EpochPlanner:
     num_workers: int  # logical workers, i.e. plans per epoch
     spec: StreamSpec  # its `epoch` is replaced by the pass's epoch
 
-    def plans(self, epoch: int) -> list[WorkerPlan]:
+    def plans(self, epoch: int, prior: tuple[Phase, ...] = ()) -> list[WorkerPlan]:
+        """The workers' plans of the epoch's phase that follows `prior` (its earlier phases)."""
         s, urls, counts = self.spec, list(self.urls), list(self.counts)
         if s.train:
-            return plan_train(urls, counts, s.rank, self.world_size, self.num_workers, s.batch_size, s.seed, epoch)
+            pool = remaining(sum(counts), s.seed, epoch, tuple(prior)) if prior else None
+            return plan_train(urls, counts, s.rank, self.world_size, self.num_workers, s.batch_size, s.seed,
+                              epoch, pool)
+        if prior:
+            raise ValueError("a validation pass has no phases")
         return plan_val(urls, counts, s.rank, self.world_size, self.num_workers, s.batch_size)
 
-    def stream(self, epoch: int, start: int) -> EpochStream:
-        """Epoch `epoch` from its batch `start` on."""
-        return EpochStream(self.plans(epoch), replace(self.spec, epoch=epoch), start)
+    def stream(self, epoch: int, start: int, prior: tuple[Phase, ...] = ()) -> EpochStream:
+        """Epoch `epoch` from batch `start` of the phase that follows `prior`."""
+        return EpochStream(self.plans(epoch, prior), replace(self.spec, epoch=epoch, phase=len(prior)), start)
+
+
+_PHASE_FIELDS = ("world_size", "num_workers", "batch_size", "shuffle_buffer", "batches")
 
 
 class EpochCursor:
-    """(epoch, first batch) of the next pass in shared memory: the main process writes it before
-    each pass, the workers read it when the pass begins.
+    """(epoch, first batch, earlier phases) of the next pass in shared memory: the main process
+    writes it before each pass, the workers read it when the pass begins.
 
     Made from the DataLoader's own multiprocessing context: a lock created under one start method
-    cannot be handed to processes started by another.
+    cannot be handed to processes started by another. Fixed size (shared memory cannot grow): room
+    for `MAX_PHASES` earlier phases, five int64 each.
     """
 
     def __init__(self, ctx):
-        self._values = ctx.Array("q", 2)  # int64 epoch, start; the lock keeps the pair consistent
+        # int64 epoch, start, number of phases, then the phases; the lock keeps them consistent
+        self._values = ctx.Array("q", 3 + len(_PHASE_FIELDS) * MAX_PHASES)
 
-    def set(self, epoch: int, start: int) -> None:
+    def set(self, epoch: int, start: int, prior: tuple[Phase, ...] = ()) -> None:
+        if len(prior) > MAX_PHASES:
+            raise ValueError(f"more than {MAX_PHASES} layout changes within one epoch")
+        flat = [getattr(p, f) for p in prior for f in _PHASE_FIELDS]
         with self._values.get_lock():
-            self._values[0], self._values[1] = epoch, start
+            self._values[0:3 + len(flat)] = [epoch, start, len(prior), *flat]
 
-    def get(self) -> tuple[int, int]:
+    def get(self) -> tuple[int, int, tuple[Phase, ...]]:
         with self._values.get_lock():
-            return int(self._values[0]), int(self._values[1])
+            epoch, start, count = self._values[0:3]
+            flat = self._values[3:3 + len(_PHASE_FIELDS) * count]
+        n = len(_PHASE_FIELDS)
+        prior = tuple(Phase(**dict(zip(_PHASE_FIELDS, flat[i:i + n]))) for i in range(0, len(flat), n))
+        return int(epoch), int(start), prior
 
 
 class RunStream(IterableDataset):
@@ -303,7 +338,8 @@ class RunStream(IterableDataset):
 
     torch calls `iter()` on it in each worker when the worker starts, and again when a new pass
     begins (`iter(loader)` sends every worker a `_ResumeIteration`, after the main process set the
-    cursor). The cursor is read right there, not lazily, so each pass plays its own (epoch, start).
+    cursor). The cursor is read right there, not lazily, so each pass plays its own (epoch, start,
+    earlier phases).
     Batches of an abandoned pass that were still prefetched are dropped by torch before the new
     pass yields anything (`_MultiProcessingDataLoaderIter._reset` waits for every worker's
     acknowledgement and discards what arrives before it).
@@ -313,5 +349,5 @@ class RunStream(IterableDataset):
         self.planner, self.cursor = planner, cursor
 
     def __iter__(self):
-        epoch, start = self.cursor.get()
-        return iter(self.planner.stream(epoch, start))
+        epoch, start, prior = self.cursor.get()
+        return iter(self.planner.stream(epoch, start, prior))

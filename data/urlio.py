@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 HTTP_TIMEOUT_S = 60
+SIZE_MISMATCH = "the manifest lists"  # in the problem of a shard whose size differs from its record
 PIPE_BUFFER = 1 << 20  # stdout buffer of pipe: commands and curl
 
 
@@ -127,11 +128,15 @@ def read_bytes(url: str) -> bytes:
     return data
 
 
-def check_url(url: str) -> str | None:
-    """None if `url` looks readable, else why not. Cheap: stat, HTTP HEAD, or `which`."""
+def check_url(url: str, size: int | None = None) -> str | None:
+    """None if `url` looks readable (and, when `size` is given and the source tells its length,
+    holds `size` bytes), else why not. Cheap: stat, HTTP HEAD, or `which`."""
     kind = url_kind(url)
     if kind == "file":
-        return None if local_path(url).is_file() else "no such file"
+        path = local_path(url)
+        if not path.is_file():
+            return "no such file" if not path.exists() else "not a regular file"
+        return _size_problem(path.stat().st_size, size)
     if kind == "pipe":
         words = shlex.split(url[len("pipe:"):])
         if not words:
@@ -139,25 +144,44 @@ def check_url(url: str) -> str | None:
         return None if shutil.which(words[0]) else f"command {words[0]!r} not found on PATH"
     if not shutil.which("curl"):
         return "reading http(s) shards needs curl on PATH (webdataset's gopen uses it)"
-    return _check_http(url)
+    return http_problem(url, size)
 
 
-def _check_http(url: str) -> str | None:
+def _size_problem(actual: int | None, expected: int | None) -> str | None:
+    if actual is None or expected is None or actual == expected:
+        return None
+    return f"{actual} bytes, {SIZE_MISMATCH} {expected} (truncated or replaced?)"
+
+
+def http_problem(url: str, size: int | None = None) -> str | None:
+    """Why an http(s) URL cannot be fetched (HTTP status, refused connection) or, with `size`,
+    has another Content-Length; None if it answers HEAD as expected."""
     request = urllib.request.Request(url, method="HEAD")
     try:
-        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S):
-            return None
+        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
+            length = response.headers.get("Content-Length")
+            return _size_problem(int(length) if length and length.isdigit() else None, size)
     except urllib.error.HTTPError as exc:
         return f"HTTP {exc.code} {exc.reason}"
     except (urllib.error.URLError, OSError) as exc:
         return f"unreachable ({getattr(exc, 'reason', exc)})"
 
 
+def url_problems(urls: list[str], sizes: list[int] | None = None) -> list[tuple[str, str]]:
+    """(url, problem) for every URL that `check_url` finds unusable, checked in parallel."""
+    expected = sizes if sizes is not None else [None] * len(urls)
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return [(u, p) for u, p in zip(urls, pool.map(check_url, urls, expected)) if p]
+
+
+def describe_problems(problems: list[tuple[str, str]], total: int, what: str) -> str:
+    shown = "; ".join(f"{u}: {p}" for u, p in problems[:5])
+    more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+    return f"{what}: {len(problems)} of {total} shards cannot be used: {shown}{more}"
+
+
 def check_urls(urls: list[str], what: str) -> None:
     """Raise ValueError naming every shard that is missing or unreachable (checked in parallel)."""
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        problems = [(u, p) for u, p in zip(urls, pool.map(check_url, urls)) if p]
+    problems = url_problems(urls)
     if problems:
-        shown = "; ".join(f"{u}: {p}" for u, p in problems[:5])
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise ValueError(f"{what}: {len(problems)} of {len(urls)} shards cannot be read: {shown}{more}")
+        raise ValueError(describe_problems(problems, len(urls), what))

@@ -37,11 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command if command in COMMANDS else None).parse_args(argv)
-    try:
-        return int(args._module.run(args) or 0)
-    except ValueError as exc:  # bad input: one clear line, no traceback
-        print(f"softprune {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    from launch.errors import run_cli  # bad input: one clear line, no traceback
+
+    return run_cli(f"softprune {args.command}", lambda: args._module.run(args))
 
 
 if __name__ == "__main__":

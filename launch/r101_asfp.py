@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--smoke", action="store_true", help="local Ray, synthetic shards, small ResNet-101 on CPU")
     p.add_argument("--verbose", action="store_true", help="also show Ray's own logging (every report, checkpoint)")
+    from launch.cmd_train import add_preflight_arguments
+
+    add_preflight_arguments(p)
     p.add_argument("overrides", nargs="*", help="extra section.field=value overrides")
     return p.parse_args(argv)
 
@@ -91,15 +94,12 @@ def _default_env() -> None:
     set_defaults()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    _default_env()
+def train(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    try:
-        cfg = build_config(args)
-    except ValueError as exc:
-        print(f"r101_asfp: error: {exc}", file=sys.stderr)
-        return 2
+    cfg = build_config(args)
+    from orchestrator.preflight import preflight
+
+    preflight(cfg, allow_config_change=args.allow_config_change, verify_shards=args.verify_shards)
     from orchestrator.driver import run_training
     from orchestrator.summary import print_summary
 
@@ -107,6 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     print_summary(summary)
     print(f"wall time: {time.perf_counter() - start:.1f} s", flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    _default_env()
+    from launch.errors import run_cli  # bad input: one clear line, no traceback, exit status 2
+
+    return run_cli("r101_asfp", lambda: train(args))
 
 
 if __name__ == "__main__":

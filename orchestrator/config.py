@@ -69,9 +69,20 @@ class LRConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    """What is reported to Ray as a checkpoint, and how many Ray keeps."""
+    """When the run checkpoints, and how many checkpoints Ray keeps.
 
-    every_steps: int | None = Field(None, ge=1)  # also checkpoint every N steps within an epoch
+    Spot capacity decides the defaults: a checkpoint after every epoch, one every `every_minutes`
+    of training within an epoch (a reclaimed node loses at most that much work, whatever the
+    step time), and one at the next step boundary after a preemption notice (Ray Train reports
+    the drain of a node it runs on). The ranks agree on these decisions every `poll_s` seconds
+    of training, in one small collective; `every_steps` adds a fixed step interval.
+    """
+
+    every_minutes: float | None = Field(10.0, gt=0)  # None: no time-based checkpoints
+    every_steps: int | None = Field(None, ge=1)  # also checkpoint every N optimizer steps
+    on_preemption: bool = True  # a just-in-time checkpoint when a node of the run is being drained
+    poll_s: float = Field(10.0, gt=0)  # training seconds between two agreements of the ranks
+    upload: Literal["async", "sync"] = "async"  # async: training goes on while Ray uploads
     keep: int = Field(2, ge=1)
 
 
@@ -83,7 +94,7 @@ ZERO_STAGES, PRECISIONS = get_args(ZeroStage), get_args(Precision)
 class ScalingConfig(_Section):
     """Workers and what each one gets; ZeRO stage and precision go into the DeepSpeed config."""
 
-    workers: int = Field(2, ge=1)
+    workers: int | tuple[int, int] = 2  # a fixed count, or [min, max]: an elastic group (see below)
     gpus_per_worker: float = Field(0.0, ge=0)
     cpus_per_worker: float = Field(1.0, gt=0)
     threads_per_worker: int | None = Field(None, ge=1)  # torch threads; None: cpus_per_worker
@@ -91,6 +102,39 @@ class ScalingConfig(_Section):
     precision: Precision = "fp32"
     grad_accum: int = Field(1, ge=1)
     max_failures: int = Field(0, ge=-1)  # worker-group restarts Ray may do; -1: unlimited
+    max_preemptions: int = Field(-1, ge=-1)  # restarts after a node reclaim (counted apart); -1: unlimited
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (value, value) if isinstance(value, int) else value
+        if low < 1 or high < low:
+            raise ValueError(f"workers must be >= 1, or [min, max] with 1 <= min <= max (got {value})")
+        return value
+
+    @property
+    def min_workers(self) -> int:
+        return self.workers if isinstance(self.workers, int) else self.workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.workers if isinstance(self.workers, int) else self.workers[1]
+
+    def accumulation(self, batch_size: int, world: int) -> tuple[int, float]:
+        """(gradient accumulation steps, LR factor) at `world` workers.
+
+        The reference global batch is batch_size x max_workers x grad_accum. At a smaller world
+        the run accumulates more micro-batches to keep it: accum = reference / (batch_size x
+        world) when that divides. When it does not, accum is the nearest whole number (>= 1) and
+        the LR is scaled by the ratio of the global batch actually used to the reference (the
+        linear scaling rule of Goyal et al., 2017), so the per-sample step size stays the same.
+        """
+        reference = batch_size * self.max_workers * self.grad_accum
+        exact, rest = divmod(reference, batch_size * world)
+        if rest == 0:
+            return exact, 1.0
+        accum = max(1, round(reference / (batch_size * world)))
+        return accum, batch_size * world * accum / reference
 
 
 class WatchdogConfig(_Section):
@@ -114,6 +158,18 @@ class TrackingConfig(_Section):
     print_every_s: float = Field(60.0, gt=0)  # within a long epoch, a progress line this often
     verbose: bool = False  # also show Ray's own per-report and checkpoint logging
     tags: list[str] = []
+    # Where wandb's files go (<dir>/wandb/), a local path or a URI. None: inside the run's storage,
+    # <storage>/<name>/wandb (a URI storage gets them from a local staging directory, uploaded at
+    # every checkpoint and at the end of the run: orchestrator/tracking.py).
+    dir: str | None = None
+
+    @field_validator("dir")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        """A relative path is taken from the launching directory: Ray workers run elsewhere."""
+        if value is None or "://" in value:
+            return value
+        return str(Path(value).expanduser().resolve())
 
 
 class TrainConfig(_Section):
@@ -152,13 +208,16 @@ class TrainConfig(_Section):
 
 
 def format_validation_error(exc: ValidationError) -> str:
-    """One line per problem: `dotted.field: message (got value)`."""
+    """All problems on one line: `dotted.field: message (got value); ...`."""
     lines = []
     for err in exc.errors():
         where = ".".join(str(part) for part in err["loc"]) or "config"
         got = err.get("input")
-        shown = "" if isinstance(got, Mapping) else f" (got {got!r})"
-        lines.append(f"{where}: {err['msg']}{shown}")
+        # a whole section (a model-level check's input) would bury the message; a small mapping
+        # where a value belongs (`epochs.max=3` made `epochs` one) is worth showing
+        shown = "" if isinstance(got, Mapping) and (not err["loc"] or len(repr(got)) > 80) else f" (got {got!r})"
+        message = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
+        lines.append(f"{where}: {message}{shown}")
     return "invalid config: " + "; ".join(lines)
 
 
@@ -178,7 +237,69 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ValueError(f"override {text!r} is not of the form section.field=value")
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ValueError(f"override {text!r}: the value is not valid YAML ({_yaml_problem(exc)})") from None
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's message without its multi-line source excerpt: `problem at line L, column C`."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
+def _read_file(path: Path) -> dict:
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} {'is not a file' if path.exists() else 'does not exist'}")
+    try:
+        loaded = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config file {str(path)!r} is not valid YAML/JSON: {_yaml_problem(exc)}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"config file {str(path)!r} cannot be read: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping at the top level, "
+                         f"not {type(loaded).__name__}")
+    return loaded
+
+
+def _where(exc: BaseException) -> str:
+    """`file:line` of the innermost frame of `exc`'s traceback (where a recipe failed)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return f" ({Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno})" if tb is not None else ""
+
+
+def _run_recipe(text: str) -> dict:
+    """`package.module:function` -> the config tree it returns; one-line ValueError naming the
+    recipe for a missing module or function, a function that raises, or one that returns no config."""
+    module_name, _, func_name = text.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            raise ValueError(f"recipe {text!r}: no module named {module_name!r}") from None
+        raise ValueError(f"recipe {text!r}: importing {module_name} failed: {exc}") from None
+    except Exception as exc:  # a recipe module with an error of its own (syntax, import-time raise)
+        raise ValueError(f"recipe {text!r}: importing {module_name} failed: "
+                         f"{type(exc).__name__}: {exc}{_where(exc)}") from None
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        known = sorted(n for n, v in vars(module).items()
+                       if callable(v) and not n.startswith("_") and getattr(v, "__module__", None) == module_name)
+        what = "no function" if func is None else "a non-callable"
+        raise ValueError(f"recipe {text!r}: module {module_name} has {what} {func_name!r}"
+                         f"{' (it has: ' + ', '.join(known) + ')' if known else ''}")
+    try:
+        tree = func()
+    except Exception as exc:  # whatever a user's recipe raises, reported as one line
+        raise ValueError(f"recipe {text!r} failed: {type(exc).__name__}: {exc}{_where(exc)}") from None
+    if not isinstance(tree, (Mapping, TrainConfig)):
+        raise ValueError(f"recipe {text!r} returned {type(tree).__name__}, not a config mapping or TrainConfig")
+    return _source_dict(tree)
 
 
 def _source_dict(source: Any) -> dict:
@@ -191,15 +312,9 @@ def _source_dict(source: Any) -> dict:
     text = str(source)
     path = Path(text)
     if path.suffix in (".yaml", ".yml", ".json") or path.is_file():
-        if not path.is_file():
-            raise ValueError(f"config file {text!r} does not exist")
-        loaded = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config file {text!r} must hold a mapping at the top level")
-        return loaded
+        return _read_file(path)
     if ":" in text:  # a recipe: "package.module:function"
-        module, _, func = text.partition(":")
-        return _source_dict(getattr(importlib.import_module(module), func)())
+        return _run_recipe(text)
     raise ValueError(f"config source {text!r} is neither a YAML/JSON file nor a module:function recipe")
 
 

@@ -13,10 +13,11 @@ from .config import TrainConfig
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int | None = None) -> dict[str, Any]:
-    """DeepSpeed's JSON config for `cfg`; `world_size` defaults to scaling.workers."""
-    world = world_size or cfg.scaling.workers
+    """DeepSpeed's JSON config for `cfg` at `world_size` workers (default: scaling's maximum);
+    gradient accumulation keeps the reference global batch (ScalingConfig.accumulation)."""
+    world = world_size or cfg.scaling.max_workers
     micro = cfg.data.batch_size
-    accum = cfg.scaling.grad_accum
+    accum, _ = cfg.scaling.accumulation(micro, world)
     precision = cfg.scaling.precision
     config = {
         "train_micro_batch_size_per_gpu": micro,

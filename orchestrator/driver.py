@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import env
+from . import env, storage
 from .config import TrainConfig
 
 
@@ -66,13 +66,16 @@ def make_trainer(cfg: TrainConfig):
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json")},
-        scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=s.gpus_per_worker > 0,
+        # a [min, max] range makes an elastic group: Ray starts with what it can place and, when a
+        # node goes, restarts on the survivors from the last checkpoint (any world size loads it)
+        scaling_config=ScalingConfig(num_workers=s.workers if isinstance(s.workers, int) else tuple(s.workers),
+                                     use_gpu=s.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         # The process group's own deadline backs up the watchdog: longer than any phase may take.
         torch_config=TorchConfig(timeout_s=int(cfg.watchdog.checkpoint_timeout_s + 2 * cfg.watchdog.grace_s)),
         run_config=RunConfig(
-            name=cfg.name, storage_path=cfg.storage_abspath,
-            failure_config=FailureConfig(max_failures=s.max_failures),
+            name=cfg.name, **storage.ray_storage(cfg.storage_abspath),  # an s3:// URI: our S3 filesystem
+            failure_config=FailureConfig(max_failures=s.max_failures, max_preemption_failures=s.max_preemptions),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             worker_runtime_env={"env_vars": env.worker_env()},
             # Ray Train's INFO lines (every report of every rank, every checkpoint) drown the
@@ -87,6 +90,9 @@ def run_training(cfg: TrainConfig, num_cpus: int | None = None) -> dict[str, Any
 
     The summary holds Ray's last metrics, the checkpoint path, and the final report if written.
     """
+    from .preflight import preflight
+
+    preflight(cfg)  # before anything is written or started: bad input costs one line (ValueError)
     _save_resolved(cfg)
     started = ensure_ray(num_cpus)
     try:
@@ -98,9 +104,10 @@ def run_training(cfg: TrainConfig, num_cpus: int | None = None) -> dict[str, Any
             ray.shutdown()
     from .outputs import output_uri
 
+    checkpoint = result.checkpoint.path if result.checkpoint else None
     summary: dict[str, Any] = {"metrics": dict(result.metrics or {}), "output": output_uri(cfg.storage_abspath, cfg.name),
-                               "checkpoint": result.checkpoint.path if result.checkpoint else None,
-                               "run_dir": f"{cfg.storage_abspath.rstrip('/')}/{cfg.name}"}
+                               "checkpoint": storage.location_of(cfg.storage_abspath, checkpoint),
+                               "run_dir": storage.join(cfg.storage_abspath, cfg.name)}
     report = read_report(summary["output"])
     if report is not None:
         summary["report"] = report
@@ -110,23 +117,14 @@ def run_training(cfg: TrainConfig, num_cpus: int | None = None) -> dict[str, Any
 def read_report(output: str) -> dict | None:
     """report.json of a run's outputs (local path or URI), or None before the run has finished."""
     try:
-        if "://" not in output:
-            return json.loads((Path(output) / "report.json").read_text())
-        import pyarrow.fs as pafs
-
-        fs, path = pafs.FileSystem.from_uri(f"{output.rstrip('/')}/report.json")
-        with fs.open_input_stream(path) as stream:
-            return json.loads(stream.read())
-    except (FileNotFoundError, OSError):
+        return json.loads(storage.read_text(storage.join(output, "report.json")))
+    except (FileNotFoundError, NotADirectoryError, storage.StorageError):
         return None
 
 
 def _save_resolved(cfg: TrainConfig) -> None:
-    """The resolved config next to the run (local storage; URIs get it via the checkpoint state)."""
-    if "://" in cfg.storage_abspath:
-        return
-    from .config import save_config
+    """The resolved config next to the run, `<storage>/<name>/config.yaml` (a URI gets it uploaded)."""
+    import yaml
 
-    run_dir = Path(cfg.storage_abspath) / cfg.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    storage.write_text(storage.join(cfg.storage_abspath, cfg.name, "config.yaml"),
+                       yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,6 +1,8 @@
 """The process environment softprune relies on, in one place: where caches, temp dirs and wandb's
-files go (inside the checkout's ignored .cache/ unless the user chose otherwise), the settings that
-keep Ray and wandb quiet, and what a Ray Train worker inherits from the driver.
+caches go (inside the checkout's ignored .cache/ unless the user chose otherwise), the settings that
+keep Ray and wandb quiet, and what a Ray Train worker inherits from the driver (object-storage
+credentials included). A run's own wandb files go under its storage (tracking.tracking_dir);
+WANDB_DIR is only wandb's fallback.
 """
 
 from __future__ import annotations
@@ -21,10 +23,15 @@ QUIET = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # worker prints would appear twice
 }
+# The standard AWS settings object storage is reached with (orchestrator/storage.py): workers
+# write checkpoints, outputs and wandb files to the run's storage with the driver's.
+AWS_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
+            "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+            "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_CA_BUNDLE", "AWS_EC2_METADATA_DISABLED")
 # What every Ray Train worker gets from the driver (DS_ACCELERATOR only if the user set it: each
 # worker picks its own, since the driver may have no GPU while the workers have).
 WORKER_KEYS = (*CACHE_DIRS, *QUIET, "WANDB_MODE", "WANDB_API_KEY", "DS_ACCELERATOR", "PYTHONPATH",
-               "SOFTPRUNE_FAULTS", "SOFTPRUNE_VERBOSE")
+               "SOFTPRUNE_FAULTS", "SOFTPRUNE_VERBOSE", *AWS_KEYS)
 
 
 def set_defaults(extra: dict[str, str] | None = None, cache: Path = CACHE) -> None:

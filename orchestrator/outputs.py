@@ -7,18 +7,19 @@ previous outputs or the new ones.
 
 from __future__ import annotations
 
-import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from .collectives import barrier
+from .tracking import stored_run_dir
 
 
 def output_uri(storage: str, name: str) -> str:
-    return f"{storage.rstrip('/')}/{name}/final"
+    from .storage import join
+
+    return join(storage, name, "final")
 
 
 def build_report(run, model, spec: dict, chosen: str, extra: dict | None = None) -> dict[str, Any]:
@@ -42,10 +43,11 @@ def build_report(run, model, spec: dict, chosen: str, extra: dict | None = None)
         "epochs": {"trained": run.state.epoch, "configured": run.cfg.epochs,
                    "finetune": run.cfg.pruning.finetune_epochs},
         "resumed_from": run.state.resumed_from,
+        "world_changes": run.state.world_changes,
         "mask_history": [],
         "history": run.state.history,
         "wandb_run_id": run.state.wandb_run_id,
-        "wandb_run_dir": str(Path(run.logger.run_dir).parent) if run.logger.run_dir else None,
+        "wandb_run_dir": stored_run_dir(run.cfg, str(Path(run.logger.run_dir).parent) if run.logger.run_dir else None),
         "written_at": time.time(),
         **(extra or {}),  # what the algorithm adds (its mask events)
     }
@@ -77,20 +79,6 @@ def write_outputs(run, model, spec: dict, chosen: str, extra: dict | None = None
 
 
 def _publish(staging: Path, target: str) -> None:
-    if "://" not in target:
-        dest = Path(target)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        old = dest.with_name(f".final-old-{os.getpid()}")
-        if dest.exists():
-            os.replace(dest, old)
-        shutil.copytree(staging, dest.with_name(".final-new"), dirs_exist_ok=True)
-        os.replace(dest.with_name(".final-new"), dest)
-        shutil.rmtree(old, ignore_errors=True)
-        return
-    import pyarrow.fs as pafs
+    from .storage import publish_dir
 
-    fs, path = pafs.FileSystem.from_uri(target)
-    fs.create_dir(path, recursive=True)
-    names = sorted(p.name for p in staging.iterdir())
-    for name in [n for n in names if n != "report.json"] + ["report.json"]:  # report.json last
-        pafs.copy_files(str(staging / name), f"{path}/{name}", destination_filesystem=fs)
+    publish_dir(staging, target)

@@ -4,14 +4,22 @@ Call sites never test the rank: they call `logger.log(...)` and the no-op swallo
 runs offline unless the user is logged in (or asks for online), and `WANDB_MODE` in the
 environment always wins. The run id lives in the checkpoint so a resumed run continues the
 same wandb run (`resume="allow"`).
+
+A run's wandb files belong to the run: `tracking_dir(cfg)` is the directory handed to wandb
+(files under `<it>/wandb/`), by default the run's own `<storage>/<name>`. For a URI (object
+storage, or a URI `tracking.dir`) it is a local staging directory, and `sync_tracking` copies
+its wandb files to `<storage>/<name>/wandb` (rank 0 calls it after every checkpoint and after
+the logger's finish).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+from pathlib import Path
 from typing import Any
 
-from .config import TrackingConfig
+from .config import TrackingConfig, TrainConfig
 
 
 STEP_METRIC = "trainer/global_step"
@@ -105,7 +113,36 @@ class WandbLogger(NullLogger):
             self.run.log({"final/kept_channels_png": self._wandb.Image(str(png))})
 
     def finish(self) -> None:
+        """End the wandb run; return once its files are complete, so a copy made next (the upload
+        to object storage, `sync_tracking`) is whole: wandb's service process still writes the run
+        file for a moment after `finish()` returns."""
         self.run.finish()
+        if self.run_dir:
+            _wait_until_settled(Path(self.run_dir).parent)
+
+
+def _wait_until_settled(directory: Path, quiet_s: float = 1.0, limit_s: float = 30.0) -> None:
+    """Poll the files under `directory` until none changed (size, mtime) for `quiet_s`, at most `limit_s`."""
+    import time
+
+    def stamp() -> list[tuple[str, int, int]]:
+        out = []
+        for file in directory.rglob("*"):
+            try:
+                st = file.stat()
+            except OSError:  # removed while listing
+                continue
+            out.append((str(file), st.st_size, st.st_mtime_ns))
+        return sorted(out)
+
+    deadline, last, quiet_since = time.monotonic() + limit_s, None, time.monotonic()
+    while time.monotonic() < deadline:
+        now = stamp()
+        if now != last:
+            last, quiet_since = now, time.monotonic()
+        elif time.monotonic() - quiet_since >= quiet_s:
+            return
+        time.sleep(0.1)
 
 
 def _init_with_retry(wandb, run_id: str | None, kwargs: dict, attempts: int = 15, wait_s: float = 2.0):
@@ -131,7 +168,74 @@ def _init_with_retry(wandb, run_id: str | None, kwargs: dict, attempts: int = 15
 
 def make_logger(cfg: TrackingConfig, rank: int, name: str, config: dict, run_id: str | None,
                 directory: str | None = None) -> NullLogger:
-    """wandb on rank 0 when tracking is on, the no-op logger everywhere else."""
+    """wandb on rank 0 when tracking is on, the no-op logger everywhere else. A run passes
+    `directory=tracking_dir(cfg)`, so its wandb files stay with the run (see the module docstring)."""
     if rank != 0 or resolve_mode(cfg) == "disabled":
         return NullLogger()
     return WandbLogger(cfg, name, config, run_id, directory)
+
+
+# -- where the files go -------------------------------------------------------------------------
+def tracking_target(cfg: TrainConfig) -> str:
+    """Where the run's wandb files must end up (they are under `<target>/wandb`)."""
+    from .storage import join
+
+    return cfg.tracking.dir or join(cfg.storage_abspath, cfg.name)
+
+
+def tracking_dir(cfg: TrainConfig) -> str:
+    """The local directory to give wandb (`make_logger(..., directory=tracking_dir(cfg))`):
+    the target itself when it is local, else a staging directory under .cache that
+    `sync_tracking` uploads. The same run gets the same staging directory after a restart."""
+    from . import env
+    from .storage import is_uri
+
+    target = tracking_target(cfg)
+    if is_uri(target):
+        digest = hashlib.sha256(target.encode()).hexdigest()[:12]
+        local = env.CACHE / "wandb_staging" / f"{cfg.name}-{digest}"
+    else:
+        local = Path(target)
+    local.mkdir(parents=True, exist_ok=True)
+    return str(local)
+
+
+_synced: dict[str, tuple[int, int]] = {}  # file -> (size, mtime) at its last upload
+
+
+def sync_tracking(cfg: TrainConfig, local_dir: str | None) -> None:
+    """Upload `local_dir/wandb` to `<target>/wandb` when the target is a URI (new or changed
+    files only); a no-op for a local target. Tracking never stops a run: a failed upload is
+    reported in one line and the next sync tries again."""
+    from .storage import is_uri, join, upload_dir
+
+    target = tracking_target(cfg)
+    source = Path(local_dir or "") / "wandb"
+    if not local_dir or not is_uri(target) or not source.is_dir():
+        return
+
+    stamps: dict[str, tuple[int, int]] = {}
+
+    def unchanged(file: Path) -> bool:  # stamped before the upload: a write during it is sent next time
+        st = file.stat()
+        stamps[str(file)] = (st.st_size, st.st_mtime_ns)
+        return _synced.get(str(file)) == stamps[str(file)]
+
+    try:
+        upload_dir(source, join(target, "wandb"), skip=unchanged)
+    except Exception as exc:  # storage trouble must not end the training
+        print(f"[softprune] wandb files not uploaded to {join(target, 'wandb')}: {exc}", flush=True)
+        return
+    _synced.update(stamps)
+
+
+def stored_run_dir(cfg: TrainConfig, local_run_dir: str | None) -> str | None:
+    """Where a wandb run directory (`<tracking_dir>/wandb/<run>`) lives once synced."""
+    from .storage import is_uri, join
+
+    if not local_run_dir:
+        return None
+    target, run = tracking_target(cfg), Path(local_run_dir)
+    if not is_uri(target) or run.parent != Path(tracking_dir(cfg)) / "wandb":
+        return local_run_dir  # not one sync_tracking uploads
+    return join(target, "wandb", run.name)

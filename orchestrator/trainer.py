@@ -15,6 +15,7 @@ import torch
 
 from . import env, faults, watchdog
 from .algorithms import make_algorithm
+from .checkpoint_policy import CheckpointPolicy
 from .config import TrainConfig
 from .engine import init_distributed, lr_at, set_lr
 from .evaluation import to_input
@@ -73,6 +74,7 @@ def train(run: Run) -> None:
     if state.finished:
         return
     algo = run.algorithm = make_algorithm(cfg)
+    run.policy = CheckpointPolicy(cfg.checkpoint, run.rank, preemption_fn(run))
     algo.load_state_dict(state.algorithm)  # resumed: the checkpoint's; fresh: {}
     epochs = cfg.epochs + algo.extra_epochs()
     progress = Progress(epochs, state.epoch, run.rank == 0, cfg.tracking.print_every_s)
@@ -95,6 +97,15 @@ def train(run: Run) -> None:
     run.checkpoint({"finished": 1})  # sync point; marks the run done for a re-launch
 
 
+def preemption_fn(run: Run):
+    """Ray Train's preemption notice (a barrier on every rank), inside a Ray Train worker only."""
+    if not run.in_ray:
+        return None
+    import ray.train
+
+    return ray.train.get_preemption_info
+
+
 def event(handler, run: Run) -> None:
     """One algorithm event, watched with the long deadline: events may evaluate, compact and
     write outputs."""
@@ -103,37 +114,61 @@ def event(handler, run: Run) -> None:
 
 
 def train_epoch(run: Run, algo, progress: Progress) -> dict[str, float]:
-    """One pass over this rank's training shards (resuming mid-epoch after a restart)."""
-    cfg, state, engine = run.cfg, run.state, run.engine
+    """One pass over this rank's training shards (resuming mid-epoch after a restart, at any world
+    size). Each optimizer step takes `run.accum` micro-batches (elastic groups keep the global batch)."""
+    cfg, state = run.cfg, run.state
     loader = run.train_loader
     loader.set_epoch(state.epoch)
-    steps = len(loader)  # equal on every rank: the loader guarantees it
-    engine.train()
+    # optimizer steps of this pass (equal on every rank); a resumed pass starts at a step boundary
+    first, total = loader.next_start // run.accum, len(loader) // run.accum
+    steps = total - first
+    run.engine.train()
     watchdog.beat("train step")  # the first batch waits for the loader workers
-    start, seen, done = time.perf_counter(), 0, 0
+    start, seen, done, micro = time.perf_counter(), 0, 0, 0
     loss_sum = torch.zeros((), dtype=torch.float64)  # summed where the loss lives: no per-step host sync
     for images, labels in loader:  # resumes from the restored position within the epoch
-        engine = run.engine  # an event may have swapped the engine (compaction)
-        set_lr(engine, lr_at(state.epoch + state.step / max(steps, 1), cfg))
-        logits = engine(to_input(images, cfg.data.mean, cfg.data.std, engine.module))
-        loss = torch.nn.functional.cross_entropy(logits.float(), labels.to(logits.device))
-        engine.backward(loss)  # sync point: gradient all-reduce / reduce-scatter
-        engine.step()
-        state.step, state.global_step = state.step + 1, state.global_step + 1
+        loss = micro_step(run, images, labels, loader, micro % run.accum)
+        micro, seen = micro + 1, seen + images.shape[0]
+        if micro % run.accum:
+            continue  # DeepSpeed accumulates; the optimizer steps at the boundary
+        state.step, state.global_step, done = state.step + 1, state.global_step + 1, done + 1
         loss_sum = loss_sum.to(loss.device) + loss.detach().double()
-        seen, done = seen + images.shape[0], done + 1
-        faults.inject("train", run.rank, state.global_step)
-        watchdog.beat()
-        algo.on_step_end(run)
-        lr = engine.optimizer.param_groups[0]["lr"]
-        if state.global_step % cfg.tracking.log_every == 0:  # float(): a host sync, only when logging
-            run.logger.log({"train/loss": float(loss.detach()), "train/lr": lr,
-                            "epoch": state.epoch + state.step / steps}, step=state.global_step)
-        if progress.due():  # rank 0 only, at most once a minute by default
-            progress.step(state.epoch, state.step, steps, float(loss.detach()), lr)
-        if cfg.checkpoint.every_steps and state.global_step % cfg.checkpoint.every_steps == 0 and state.step < steps:
-            run.checkpoint({"train_loss": float(loss.detach())})  # sync point: every rank reaches the same step
+        after_step(run, algo, progress, loss, first + done, total)
+        if done >= steps:
+            break  # a last partial accumulation would step with fewer samples: left for the next epoch
     elapsed = time.perf_counter() - start
     return {"train_loss": float(loss_sum) / max(done, 1), "epoch_seconds": elapsed,
             "img_per_s": seen * run.world / max(elapsed, 1e-9), "step_seconds": elapsed / max(done, 1),
             "lr": run.engine.optimizer.param_groups[0]["lr"]}
+
+
+def micro_step(run: Run, images, labels, loader, index: int) -> torch.Tensor:
+    """Forward and backward of micro-batch `index` of a step; the optimizer steps at the boundary.
+    The LR is the schedule's at the step's first sample, from the global samples consumed."""
+    cfg, engine = run.cfg, run.engine  # an event may have swapped the engine (compaction)
+    before = loader.samples_done() - run.world * cfg.data.batch_size * (index + 1)
+    epoch = run.state.epoch + before / max(loader.epoch_samples(), 1)
+    set_lr(engine, run.lr_scale * lr_at(epoch, cfg))
+    logits = engine(to_input(images, cfg.data.mean, cfg.data.std, engine.module))
+    loss = torch.nn.functional.cross_entropy(logits.float(), labels.to(logits.device))
+    engine.backward(loss)  # sync point: gradient all-reduce / reduce-scatter (at the boundary)
+    engine.step()
+    return loss
+
+
+def after_step(run: Run, algo, progress: Progress, loss: torch.Tensor, done: int, steps: int) -> None:
+    """Everything that follows an optimizer step: faults, watchdog, events, logs, checkpoints.
+    `done` of the `steps` optimizer steps of this epoch's current layout are behind us."""
+    cfg, state = run.cfg, run.state
+    faults.inject("train", run.rank, state.global_step)
+    watchdog.beat()
+    algo.on_step_end(run)
+    lr = run.engine.optimizer.param_groups[0]["lr"]
+    if state.global_step % cfg.tracking.log_every == 0:  # float(): a host sync, only when logging
+        run.logger.log({"train/loss": float(loss.detach()), "train/lr": lr,
+                        "epoch": state.epoch + done / max(steps, 1)}, step=state.global_step)
+    if progress.due():  # rank 0 only, at most once a minute by default
+        progress.step(state.epoch, done, steps, float(loss.detach()), lr)
+    reason = run.policy.due(state.global_step, done, steps) if run.policy is not None else None
+    if reason is not None:  # sync point: the policy answers the same on every rank
+        run.checkpoint({"train_loss": float(loss.detach()), "checkpoint_reason": reason})

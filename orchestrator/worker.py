@@ -20,7 +20,7 @@ from .config import TrainConfig
 from .engine import build_engine
 from .evaluation import evaluate, sync_bn_buffers
 from .model_setup import build_model, weights_digest
-from .tracking import NullLogger, make_logger
+from .tracking import NullLogger, make_logger, sync_tracking, tracking_dir
 
 
 class Run:
@@ -29,6 +29,7 @@ class Run:
     def __init__(self, cfg: TrainConfig, report_fn=None, get_checkpoint_fn=None):
         self.cfg = cfg
         self._report = report_fn
+        self.in_ray = report_fn is not None  # inside a Ray Train worker (Ray's report and notices)
         self.rank, self.world = rank_world()
         self.state = ckpt.RunState(world_size=self.world, config=cfg.model_dump(mode="json"))
         self.scratch = Path(tempfile.mkdtemp(prefix=f"sp_run_r{self.rank}_"))
@@ -41,36 +42,58 @@ class Run:
         self.input_size = cfg.data.image_size
         self.report: dict | None = None  # report.json content once the outputs are written (rank 0)
         self.algorithm = None  # the loop's Algorithm: its state_dict() rides in every checkpoint
+        # micro-batches per optimizer step and LR factor at this world size (elastic groups)
+        self.accum, self.lr_scale = cfg.scaling.accumulation(cfg.data.batch_size, self.world)
+        self._upload_async = cfg.checkpoint.upload == "async" and report_fn is not None
+        self.policy = None  # the loop's CheckpointPolicy; told about every checkpoint written
         self._restore(get_checkpoint_fn() if get_checkpoint_fn else None)
         self.train_loader, self.val_loader = self._loaders()
+        self.wandb_dir = tracking_dir(cfg) if self.rank == 0 else None  # wandb's files: in the run's storage
         if not self.state.finished:  # a re-launched finished run only reports; no new wandb session
             self.logger = make_logger(cfg.tracking, self.rank, cfg.name, self.state.config,
-                                      self.state.wandb_run_id, os.environ.get("WANDB_DIR"))
+                                      self.state.wandb_run_id, self.wandb_dir)
         self.logger.step_fn = lambda: self.state.global_step
         self.state.wandb_run_id = self.logger.run_id or self.state.wandb_run_id
 
     # -- setup and restore -----------------------------------------------------------------
     def _restore(self, checkpoint) -> None:
-        """Fresh model and engine, or the checkpoint's (at its recorded shape). Collective."""
+        """Fresh model and engine, or the checkpoint's (at its recorded shape, any world size).
+        Collective."""
         if checkpoint is None:
             self._set_model(build_model(self.cfg, None))
             return
         with checkpoint.as_directory() as d:
             saved = ckpt.read_state(d)
-            if saved.world_size != self.world:
-                raise ValueError(f"checkpoint was written by {saved.world_size} workers, this run has "
-                                 f"{self.world}; ZeRO checkpoints need the same world size")
+            check_same_run(saved, self.cfg, d)
+            if saved.format < 2 and saved.world_size != self.world:
+                raise ckpt.CheckpointError(f"checkpoint {d} predates world-size-free checkpoints: it was written by "
+                                           f"{saved.world_size} workers and loads only on {saved.world_size}")
+            written_by = saved.world_size
             self.state = saved
             self.state.config = self.cfg.model_dump(mode="json")
+            self.state.world_size = self.world
             self._set_model(build_model(self.cfg, saved.arch_spec))  # compacted shape before loading
-            ckpt.restore_engine(self.engine, d)  # sync point
-            self.loader_position = ckpt.restore_rank(d, self.rank)
+            ckpt.restore_engine(self.engine, d, saved)  # sync point
+            legacy = ckpt.restore_rank(d, self.rank, self.world, self.cfg.seed, saved.global_step)
+            self.loader_position = saved.loader or legacy
             if self.rank == 0:
                 ckpt.restore_carry(d, self.checkpoint_files)
+        if written_by != self.world:
+            self._record_world_change(written_by)
         # what was loaded, so a reader (and the resume test) can check it is what was saved
         self.state.resumed_from.append({"epoch": saved.epoch, "step": saved.step, "time": time.time(),
-                                        "weights_sha256": weights_digest(self.model),
+                                        "world_size": self.world, "weights_sha256": weights_digest(self.model),
                                         "wandb_run_id": saved.wandb_run_id})
+
+    def _record_world_change(self, before: int) -> None:
+        change = {"epoch": self.state.epoch, "step": self.state.step, "global_step": self.state.global_step,
+                  "from": before, "to": self.world, "grad_accum": self.accum, "lr_scale": self.lr_scale,
+                  "time": time.time()}
+        self.state.world_changes.append(change)
+        if self.rank == 0:
+            print(f"[softprune] resumed on {self.world} workers (checkpoint written by {before}) at epoch "
+                  f"{self.state.epoch} step {self.state.step}: {self.accum} micro-batch(es) per step, "
+                  f"LR x{self.lr_scale:.3g}", flush=True)
 
     def _set_model(self, model: nn.Module) -> None:
         self.engine = build_engine(model, self.cfg, self.world)  # collective: DeepSpeed init
@@ -133,16 +156,26 @@ class Run:
     def _checkpoint(self, metrics: dict[str, Any]) -> None:
         if self.algorithm is not None:
             self.state.algorithm = self.algorithm.state_dict()
-        local = ckpt.save(self.engine, self.state, self.rank, self.train_loader.state_dict(), self.checkpoint_files,
-                          root=str(self.scratch))
+        self.state.loader = self.train_loader.state_dict()  # the same on every rank
+        # outside the scratch dir: an asynchronous upload may outlive this run's close()
+        local = ckpt.save(self.engine, self.state, self.rank, self.checkpoint_files)
+        if self.policy is not None:
+            self.policy.reset()
+        upload_async = self._upload_async and not self.state.finished  # the last one: wait for it
         try:
             if self._report is not None:
                 from ray.train import Checkpoint
+                from ray.train.v2.api.report_config import CheckpointUploadMode
 
+                mode = CheckpointUploadMode.ASYNC if upload_async else CheckpointUploadMode.SYNC
                 self._report(dict(metrics, epoch=self.state.epoch, step=self.state.global_step),
-                             checkpoint=Checkpoint.from_directory(str(local)))  # sync point
+                             checkpoint=Checkpoint.from_directory(str(local)),
+                             checkpoint_upload_mode=mode)  # sync point
+            if self.rank == 0:
+                sync_tracking(self.cfg, self.wandb_dir)
         finally:
-            shutil.rmtree(local, ignore_errors=True)
+            if not upload_async:  # Ray deletes an asynchronously uploaded directory itself
+                shutil.rmtree(local, ignore_errors=True)
 
     def close(self) -> None:
         """End the run on this worker: loader processes, the wandb run, the scratch directory."""
@@ -150,4 +183,17 @@ class Run:
             if loader is not None:
                 loader.close()
         self.logger.finish()
+        if self.rank == 0:
+            sync_tracking(self.cfg, self.wandb_dir)
         shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def check_same_run(saved: ckpt.RunState, cfg: TrainConfig, where) -> None:
+    """Refuse a checkpoint of another model or pruning method before it touches the engine."""
+    before = saved.config or {}
+    for dotted in ("model.name", "pruning.method"):
+        section, key = dotted.split(".")
+        then, now = before.get(section, {}).get(key), getattr(getattr(cfg, section), key)
+        if then is not None and then != now:
+            raise ckpt.CheckpointError(f"checkpoint {where} is of {dotted}={then!r}, this run has {dotted}={now!r}; "
+                                       f"use another run name or storage")

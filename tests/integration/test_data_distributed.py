@@ -1,6 +1,7 @@
 """Two real processes in a gloo group read uneven shards: disjoint samples, equal batch counts
 (an all_reduce per batch would hang or fail otherwise), and a mid-epoch resume from rank 0's
-state alone reproduces the uninterrupted batches on both ranks."""
+state alone reproduces the uninterrupted batches on both ranks; resumed on one rank or on three
+(loader worker processes on every rank), the epoch goes on with every sample read once."""
 
 from __future__ import annotations
 
@@ -52,9 +53,11 @@ elif mode == "stop":
     if rank == 0:
         json.dump(train.state_dict(), open(out + ".state", "w"))
 else:
-    train.load_state_dict(json.load(open(out.replace("resume", "stop") + ".state")))
+    train.load_state_dict(json.load(open(os.path.join(os.path.dirname(out), "stop.state"))))
     train.set_epoch(1)
+    result["len"] = len(train)  # batches of the resumed phase
     result["epoch1"] = play(train)
+    result["samples"] = [train.samples_done(), train.epoch_samples()]
 json.dump(result, open(f"{out}.{rank}.json", "w"))
 dist.destroy_process_group()
 """
@@ -97,3 +100,22 @@ def test_two_ranks_uneven_shards(tmp_path):
     resumed = _run_ranks(cfg, "resume", tmp_path)  # both ranks resume from rank 0's state
     for rank in range(2):
         assert stopped[rank]["epoch1"] + resumed[rank]["epoch1"] == full[rank]["epoch1"]
+
+
+@pytest.mark.slow
+def test_two_ranks_stopped_resume_on_one_and_on_three(tmp_path):
+    src = write_indexed_shards(tmp_path / "shards", COUNTS).parent
+    cfg = DataConfig(train=str(src), image_size=8, transform="cifar", batch_size=6, num_workers=2,
+                     shuffle_buffer=16, seed=11)
+    stopped = [i for r in _run_ranks(cfg, "stop", tmp_path) for batch in r["epoch1"] for i in batch]
+    assert len(stopped) == 2 * 3 * 6
+    total = sum(COUNTS["train"])
+    for world, batch in ((1, 6), (3, 4)):
+        other = DataConfig(**{**cfg.model_dump(), "batch_size": batch})
+        resumed = _run_ranks(other, "resume", tmp_path, world=world)
+        ids = stopped + [i for r in resumed for b in r["epoch1"] for i in b]
+        assert len(ids) == len(set(ids)), f"a sample was read twice resuming on {world} ranks"
+        done, epoch_total = resumed[0]["samples"]
+        assert all(r["samples"] == [done, epoch_total] for r in resumed)
+        assert done == epoch_total == len(ids) and total - len(ids) < world * (batch + 1)
+        assert {len(r["epoch1"]) for r in resumed} == {resumed[0]["len"]}

@@ -91,7 +91,7 @@ def test_resume_on_a_running_loader_is_exact_and_keeps_its_workers(shards):
         assert len(workers) == 2, "workers do not outlive a pass"
         _play(loader, 2, stop=5)
         state = json.loads(json.dumps(loader.state_dict()))
-        assert (state["epoch"], state["position"]) == (2, 5)
+        assert (state["epoch"], state["phases"][-1]["batches"]) == (2, 5)
         _play(loader, 3, stop=2)  # the workers move on (stale prefetched batches in flight) ...
         loader.load_state_dict(state)  # ... and are sent back to epoch 2, batch 5
         loader.set_epoch(2)

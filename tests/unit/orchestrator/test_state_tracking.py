@@ -29,17 +29,30 @@ def test_a_checkpoint_from_before_algorithm_state_still_resumes():
                                "compacted": False}
 
 
-def test_read_state_requires_every_part(tmp_path):
-    state = ckpt.RunState(world_size=2)
-    with pytest.raises(FileNotFoundError, match="incomplete"):
+def test_read_state_requires_every_part_of_a_legacy_checkpoint(tmp_path):
+    state = ckpt.RunState(world_size=2)  # format 1: a DeepSpeed directory
+    with pytest.raises(ckpt.CheckpointError, match="incomplete"):
         ckpt.read_state(tmp_path)
     (tmp_path / ckpt.STATE_FILE).write_text(state.to_json())
     (tmp_path / "rank_0.pt").write_bytes(b"x")
-    with pytest.raises(FileNotFoundError, match="rank_1.pt"):
+    with pytest.raises(ckpt.CheckpointError, match="rank_1.pt"):
         ckpt.read_state(tmp_path)
     (tmp_path / "rank_1.pt").write_bytes(b"x")
     (tmp_path / ckpt.DS_DIR / ckpt.DS_TAG).mkdir(parents=True)
     assert ckpt.read_state(tmp_path).world_size == 2
+
+
+def test_read_state_refuses_a_part_cut_short(tmp_path):
+    """A copy interrupted mid-file (a killed upload) has the file, but not all of it."""
+    (tmp_path / ckpt.MODEL_FILE).write_bytes(b"m" * 100)
+    (tmp_path / ckpt.OPTIM_FILE).write_bytes(b"o" * 50)
+    (tmp_path / "rank_0.pt").write_bytes(b"x")
+    state = ckpt.RunState(world_size=1, format=ckpt.FORMAT, files={ckpt.MODEL_FILE: 100, ckpt.OPTIM_FILE: 80})
+    (tmp_path / ckpt.STATE_FILE).write_text(state.to_json())
+    with pytest.raises(ckpt.CheckpointError, match="optimizer.pt has 50 of 80 bytes"):
+        ckpt.read_state(tmp_path)
+    (tmp_path / ckpt.OPTIM_FILE).write_bytes(b"o" * 80)
+    assert ckpt.read_state(tmp_path).files[ckpt.OPTIM_FILE] == 80
 
 
 def test_rng_state_restores_the_stream():

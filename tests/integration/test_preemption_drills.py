@@ -1,0 +1,34 @@
+"""Preemption drills as tests, on a real multi-node Ray (`ray.cluster_utils.Cluster`): a spot
+reclaim mid-epoch (notice, just-in-time checkpoint, node replaced: same final masks as an
+undisturbed run), the launcher killed and run again (same run, same wandb id), a SIGKILL halfway
+through writing a checkpoint (the previous one is used), and an elastic group that loses a node
+(it goes on with fewer workers and records the change). The drills live in
+benchmarks/drill_preemption.py, which also prints them as a table.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import drill_preemption as drills  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    work = tmp_path_factory.mktemp("drills")
+    return {o.drill: o for o in drills.run_drills(work)}
+
+
+@pytest.mark.parametrize("name", ["reclaim", "driver", "torn-checkpoint", "shrink"])
+def test_drill(outcomes, name):
+    outcome = outcomes[name]
+    assert outcome.ok, f"{name}: {outcome.detail}"
+    # a fault never costs more than the work since the last checkpoint (at most one epoch here)
+    assert outcome.steps_lost is not None and outcome.steps_lost <= drills.STEPS_PER_EPOCH
