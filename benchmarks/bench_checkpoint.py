@@ -241,13 +241,13 @@ def _check(engine, work: Path, rank: int) -> dict:
     model, optim = gathered
     ref_model = torch.load(work / "softprune" / "model.pt", weights_only=True)
     ref_optim = torch.load(work / "softprune" / "optimizer.pt", weights_only=True)
-    weights = max(float((model[n].float() - t.float()).abs().max()) for n, t in ref_model.items())
+    weights, worst = max((float((model[n].float() - t.float()).abs().max()), n) for n, t in ref_model.items())
     moments = optim["moments"]
     if not any(moments.values()):
-        return {"weights_diff": weights, "momentum_diff": None}
+        return {"weights_diff": weights, "worst": worst, "momentum_diff": None}
     momentum = max(float((moments[n]["momentum_buffer"] - m["momentum_buffer"]).abs().max())
                    for n, m in ref_optim["moments"].items())
-    return {"weights_diff": weights, "momentum_diff": momentum}
+    return {"weights_diff": weights, "worst": worst, "momentum_diff": momentum}
 
 
 def _spawn(world: int, args, phase: str) -> dict:

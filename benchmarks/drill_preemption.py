@@ -138,10 +138,12 @@ class Drill:
         return subprocess.Popen([sys.executable, "-m", "launch.cli", "train", str(base), *self.overrides], cwd=ROOT, env=env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
-    def steps(self) -> list[tuple[float, int]]:
+    def steps(self) -> list[tuple[float, int, int]]:
+        """(time, global step, pid of rank 0) of every optimizer step, restarts included."""
         if not self.trace.exists():
             return []
-        return [(float(t), int(s)) for t, s in (line.split() for line in self.trace.read_text().splitlines() if line)]
+        rows = (line.split() for line in self.trace.read_text().splitlines() if line)
+        return [(float(t), int(s), int(pid)) for t, s, pid in rows]
 
     def hold_mid_epoch(self, proc: subprocess.Popen, timeout: float = 400) -> None:
         """Wait until rank 0 sits in the stall fault of `HOLD` and Ray has registered the
@@ -173,13 +175,18 @@ class Drill:
         return out
 
     def lost_and_recovery(self, fault_time: float) -> tuple[int, float]:
-        """Steps done before the fault that had to be done again, and fault -> next step time."""
+        """Steps done before the fault that the restarted rank 0 (another process) had to do
+        again, and the seconds from the fault to the restarted run's first step."""
         trace = self.steps()
-        before = [s for t, s in trace if t <= fault_time]
-        after = [(t, s) for t, s in trace if t > fault_time]
-        last = max(before) if before else 0
-        resumed = after[0][1] - 1 if after else last
-        return max(0, last - resumed), (after[0][0] - fault_time) if after else float("nan")
+        old = [(t, s, pid) for t, s, pid in trace if t <= fault_time]
+        if not old:
+            return 0, float("nan")
+        dead = old[-1][2]
+        before = [s for _, s, pid in trace if pid == dead]
+        after = [(t, s) for t, s, pid in trace if pid != dead and t > fault_time]
+        if not after:
+            return 0, float("nan")
+        return max(0, max(before) - (after[0][1] - 1)), after[0][0] - fault_time
 
 
 def final_masks(report: dict) -> dict:

@@ -4,7 +4,7 @@ The variable holds `;`-separated faults, each `kind:key=value:...`:
 - `stall:rank=1:at=train:step=3:seconds=600` sleeps (in Python, in short naps) at that point;
 - `fail:rank=0:at=select` raises `InjectedFault` there;
 - `kill:rank=0:at=checkpoint:step=16` ends the process with SIGKILL there (a reclaimed VM);
-- `trace:rank=0:at=train:path=FILE` appends "time step" to FILE (drills measure steps lost).
+- `trace:rank=0:at=train:path=FILE` appends "time step pid" to FILE (drills measure steps lost).
 `once=PATH` makes a fault fire only if PATH does not exist yet (it is created when firing), so a
 restarted worker group runs clean. Points: `train` (after an optimizer step; `step` is the global
 step), `eval` (before an evaluation pass), `select` (rank 0 choosing masks), `checkpoint` (rank
@@ -66,7 +66,7 @@ def inject(at: str, rank: int, step: int | None = None) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         if fault["kind"] == "trace":
             with open(fault["path"], "a") as f:
-                f.write(f"{time.time():.3f} {step}\n")
+                f.write(f"{time.time():.3f} {step} {os.getpid()}\n")
         if fault["kind"] == "stall":
             until = time.monotonic() + float(fault.get("seconds", 3600))
             while time.monotonic() < until:  # short naps: Python runs between them (see watchdog)
