@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 from datetime import timedelta
 from pathlib import Path
 
@@ -144,8 +145,6 @@ def _worker(rank: int, world: int, store: str, args, phase: str) -> None:
         if rank == 0:
             (work / f"result_{phase}_{world}.json").write_text(json.dumps(result))
     except Exception as exc:  # noqa: BLE001 - the parent reads the message
-        import traceback
-
         (work / f"error_{phase}_{world}_{rank}.txt").write_text(f"{type(exc).__name__}: {exc}")
         (work / f"traceback_{phase}_{world}_{rank}.txt").write_text(traceback.format_exc())
     finally:
@@ -229,25 +228,33 @@ def _load(fmt: str, engine, work: Path, out: dict, rank: int) -> float:
 
 
 def _check(engine, work: Path, rank: int) -> dict:
-    """Max abs difference of the loaded weights/buffers and momenta from the saved ones (the
-    softprune files hold the full saved state)."""
+    """Max abs difference from the saved state (the softprune files hold all of it) of the loaded
+    parameters, float buffers (BN running statistics), integer buffers (BN batch counters) and
+    momenta; None where the engine has no momentum at all."""
     import torch
 
     from orchestrator import engine_state
 
+    # DeepSpeed links a ZeRO parameter to its optimiser state at the first step; a native load
+    # leaves it unlinked (gather would read None), so link it here as that step would.
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        link()
     gathered = engine_state.gather(engine, keep=rank == 0)
     if gathered is None:
         return {}
     model, optim = gathered
     ref_model = torch.load(work / "softprune" / "model.pt", weights_only=True)
     ref_optim = torch.load(work / "softprune" / "optimizer.pt", weights_only=True)
-    weights, worst = max((float((model[n].float() - t.float()).abs().max()), n) for n, t in ref_model.items())
+    params = {n for n, _ in engine.module.named_parameters()}
+    diffs = {"params": 0.0, "buffers": 0.0, "counters": 0.0}
+    for name, saved in ref_model.items():
+        kind = "params" if name in params else "buffers" if saved.is_floating_point() else "counters"
+        diffs[kind] = max(diffs[kind], float((model[name].double() - saved.double()).abs().max()))
     moments = optim["moments"]
-    if not any(moments.values()):
-        return {"weights_diff": weights, "worst": worst, "momentum_diff": None}
-    momentum = max(float((moments[n]["momentum_buffer"] - m["momentum_buffer"]).abs().max())
-                   for n, m in ref_optim["moments"].items())
-    return {"weights_diff": weights, "worst": worst, "momentum_diff": momentum}
+    diffs["momentum"] = None if not any(moments.values()) else max(
+        float((moments[n]["momentum_buffer"] - m["momentum_buffer"]).abs().max()) for n, m in ref_optim["moments"].items())
+    return {"diffs": diffs}
 
 
 def _spawn(world: int, args, phase: str) -> dict:
@@ -259,7 +266,8 @@ def _spawn(world: int, args, phase: str) -> dict:
                        start_method="spawn")
     errors = sorted(work.glob(f"error_{phase}_{world}_*.txt"))
     if errors:
-        raise SystemExit(f"{phase} at world {world} failed: " + "; ".join(p.read_text() for p in errors))
+        raise SystemExit(f"{phase} at world {world} failed: " + "; ".join(p.read_text() for p in errors)
+                         + f" (with --keep, tracebacks stay in {work})")
     return json.loads((work / f"result_{phase}_{world}.json").read_text())
 
 
@@ -272,14 +280,14 @@ def _stock_conversion(work: Path, inject: bool) -> dict:
            str(work / "legacy" / TAG), "--output_folder", str(out), "--num_extract_workers", "2",
            "--num_merge_workers", "2"] + (["--inject_missing_state"] if inject else [])
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     lines = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
     error = next((line for line in reversed(lines) if "Error" in line), lines[-1] if lines else "")
     return {"ok": proc.returncode == 0, "seconds": seconds, "error": None if proc.returncode == 0 else error.strip()}
 
 
-def _extract_every_state(dir, ds_checkpoint, indices_3d):  # noqa: A002 - DeepSpeed's signature
+def _extract_every_state(folder, ds_checkpoint, indices_3d):
     """ds_to_universal's extract_zero_shards for any torch optimiser (module level: the converter
     pickles it into its worker processes)."""
     from deepspeed.checkpoint import ds_to_universal as dtu
@@ -293,7 +301,7 @@ def _extract_every_state(dir, ds_checkpoint, indices_3d):  # noqa: A002 - DeepSp
         flat.update({("exp_avg" if k == "momentum_buffer" else k): v for k, v in states[gid].items()})
         for name, fragment in mappings.items():
             for key, tensor in flat.items():
-                dtu.dump_param_fragment(dir, tp, dp, key, tensor, name, fragment.start, fragment.numel)
+                dtu.dump_param_fragment(folder, tp, dp, key, tensor, name, fragment.start, fragment.numel)
 
 
 def _convert(args) -> None:
@@ -328,7 +336,7 @@ def _shim_conversion(work: Path) -> dict:
     cmd = [sys.executable, __file__, "--convert-in", str(work / "legacy" / TAG), "--convert-out",
            str(work / "universal" / TAG), "--convert-result", str(result)]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         tail = [line for line in (proc.stderr or proc.stdout).splitlines() if line.strip()][-1:]
@@ -343,49 +351,49 @@ def _disk(path: Path) -> tuple[int, int]:
 
 
 # -- report ----------------------------------------------------------------------------------
-def _fmt_s(x) -> str:
-    return f"{x:.2f}" if isinstance(x, (int, float)) else str(x)
-
-
-def _load_cell(entry: dict | None) -> str:
+def _cell_s(entry: dict | None) -> str:
     if entry is None:
         return "-"
-    if "error" in entry:
-        return "refused"
-    return _fmt_s(entry["load_s"])
+    return "refused" if "error" in entry else f"{entry['load_s']:.2f}"
 
 
 def _check_cell(entry: dict | None) -> str:
+    """'exact', or what differs from the saved state and by how much."""
     if entry is None or "error" in entry:
-        return ""
-    mom = entry.get("momentum_diff")
-    return f"w {entry['weights_diff']:.1e} m {'MISSING' if mom is None else f'{mom:.1e}'}"
+        return "-"
+    diffs = entry["diffs"]
+    if diffs["momentum"] is None:
+        return "MOMENTUM MISSING"
+    off = [f"{k} {v:.1g}" for k, v in diffs.items() if v > 0]
+    return "exact" if not off else "differs: " + ", ".join(off)
 
 
-def report(args, write: dict, conv: dict, reads: dict, disk: dict) -> None:
-    saves = {"legacy": write["legacy_save_s"], "softprune": write["softprune_save_s"],
-             "universal": write["legacy_save_s"] + conv["shim"]["seconds"] if conv["shim"]["ok"] else None}
-    print(f"{args.model} ({args.classes} classes), fp32, SGD momentum, ZeRO stage {args.stage}; gloo on CPU, "
-          f"{args.threads} torch thread(s) per rank; after 1 step at world 2 (batch {args.batch}/rank, {args.size}px)")
-    print(f"engine build (not counted anywhere): {write['build_s']:.1f} s at world 2")
-    print("DeepSpeed ds_to_universal, stock, as a user runs it:")
-    for key, label in (("stock", "  as is:                 "), ("stock_inject", "  --inject_missing_state:")):
+def _print_conversion(conv: dict) -> None:
+    print("DeepSpeed ds_to_universal (stock, as a user runs it):")
+    for key, label in (("stock", "as is"), ("stock_inject", "with --inject_missing_state")):
         r = conv[key]
-        print(f"{label} {'ok' if r['ok'] else 'FAILED'} after {r['seconds']:.1f} s" + (f": {r['error']}" if r["error"] else ""))
+        print(f"  {label}: {'ok' if r['ok'] else 'FAILED'} after {r['seconds']:.1f} s" + (f": {r['error']}" if r["error"] else ""))
     shim = conv["shim"]
-    print("  with the momentum shim: " + (f"ok, conversion {shim['seconds']:.1f} s in-process "
-                                          f"({shim['process_s']:.1f} s with interpreter start-up and imports)"
-                                          if shim["ok"] else f"FAILED: {shim['error']}"))
-    print()
-    head = f"{'format':<10} {'save s':>7} {'load@2 s':>9} {'load@1 s':>9} {'MB':>8} {'files':>6}  check@2 / check@1 (max abs diff)"
+    print("  with this benchmark's momentum shim: " + (
+        f"ok, conversion {shim['seconds']:.1f} s in-process ({shim['process_s']:.1f} s with interpreter start-up)"
+        if shim["ok"] else f"not possible: {shim['error']}"))
+
+
+def _print_table(saves: dict, reads: dict, disk: dict) -> None:
+    head = f"{'format':<10} {'save s':>7} {'load@2 s':>9} {'load@1 s':>9} {'MB':>6} {'files':>6}  loaded state at world 2 / world 1"
     print(head)
     print("-" * len(head))
     for fmt in FORMATS:
+        if fmt not in disk or saves[fmt] is None:
+            print(f"{fmt:<10} {'not available: no conversion':>40}")
+            continue
         r2, r1 = reads.get(2, {}).get(fmt), reads.get(1, {}).get(fmt)
-        size, count = disk.get(fmt, (None, None))
-        print(f"{fmt:<10} {_fmt_s(saves[fmt] if saves[fmt] is not None else '-'):>7} {_load_cell(r2):>9} "
-              f"{_load_cell(r1):>9} {(f'{size / 2**20:.0f}' if size else '-'):>8} {count or '-':>6}  "
+        size, count = disk[fmt]
+        print(f"{fmt:<10} {saves[fmt]:>7.2f} {_cell_s(r2):>9} {_cell_s(r1):>9} {size / 2**20:>6.0f} {count:>6}  "
               f"{_check_cell(r2)} / {_check_cell(r1)}")
+
+
+def _print_notes(write: dict, conv: dict, reads: dict, disk: dict) -> None:
     for world in (2, 1):
         for fmt in FORMATS:
             entry = reads.get(world, {}).get(fmt)
@@ -393,23 +401,42 @@ def report(args, write: dict, conv: dict, reads: dict, disk: dict) -> None:
                 print(f"  {fmt} at world {world}: {entry['error']}")
     if conv["shim"]["ok"]:
         print(f"  universal save = native save {write['legacy_save_s']:.2f} s + conversion {conv['shim']['seconds']:.2f} s; "
-              f"its MB are the converted folder only (the native folder it was made from is "
-              f"{disk['legacy'][0] / 2**20:.0f} MB more until deleted)")
-    gather = write["softprune_gather_s"]
-    print(f"  softprune save: gather {gather:.2f} s + write {write['softprune_save_s'] - gather:.2f} s; "
-          f"softprune load at world 2: scatter {reads[2].get('softprune_scatter_s', float('nan')):.2f} s of "
-          f"{reads[2].get('softprune', {}).get('load_s', float('nan')):.2f} s (the rest: torch.load of the files)")
+              f"MB and files: the converted folder only (the native one it was made from, "
+              f"{disk['legacy'][0] / 2**20:.0f} MB, stays until deleted)")
+        if any(reads[w].get("universal", {}).get("diffs", {}).get("buffers") for w in reads):
+            print("  universal: `buffers`/`counters` = BN running statistics and batch counters; load_universal skips "
+                  "the module state dict and restores only parameters that own a ZeRO fragment")
+    gather, total = write["softprune_gather_s"], write["softprune_save_s"]
+    load = reads[2]["softprune"]["load_s"]
+    print(f"  softprune save: gather {gather:.2f} s + write {total - gather:.2f} s; load at world 2: "
+          f"torch.load {load - reads[2]['softprune_scatter_s']:.2f} s + scatter {reads[2]['softprune_scatter_s']:.2f} s")
+
+
+def _ratios(fmt: str, saves: dict, reads: dict, disk: dict) -> str:
+    parts = [f"save {saves[fmt] / saves['legacy']:.2f}x" if saves[fmt] else "save -"]
+    for world in (2, 1):
+        base, mine = (reads.get(world, {}).get(f, {}).get("load_s") for f in ("legacy", fmt))
+        parts.append(f"load@{world} {mine / base:.2f}x" if mine and base else f"load@{world} -")
+    parts.append(f"size {disk[fmt][0] / disk['legacy'][0]:.2f}x" if fmt in disk else "size -")
+    return f"{fmt} against legacy (lower is better): " + ", ".join(parts)
+
+
+def report(args, write: dict, conv: dict, reads: dict, disk: dict) -> None:
+    saves = {"legacy": write["legacy_save_s"], "softprune": write["softprune_save_s"],
+             "universal": write["legacy_save_s"] + conv["shim"]["seconds"] if conv["shim"]["ok"] else None}
+    print(f"{args.model} ({args.classes} classes), fp32, SGD momentum, ZeRO stage {args.stage}; gloo on CPU, "
+          f"{args.threads} torch thread(s) per rank; after 1 step at world 2 (batch {args.batch}/rank, {args.size}px); "
+          f"engine build {write['build_s']:.1f} s (not counted)")
+    _print_conversion(conv)
     print()
-    figures = []
-    for fmt in ("universal", "softprune"):
-        base2 = reads.get(2, {}).get("legacy", {}).get("load_s")
-        load2 = reads.get(2, {}).get(fmt, {}).get("load_s")
-        parts = [f"save {saves[fmt] / saves['legacy']:.2f}x" if saves[fmt] else "save -",
-                 f"load@2 {load2 / base2:.2f}x" if load2 and base2 else "load@2 -",
-                 f"size {disk[fmt][0] / disk['legacy'][0]:.2f}x" if fmt in disk else "size -"]
-        figures.append(f"{fmt}: " + ", ".join(parts))
-    print("against legacy (lower is better) -- " + figures[0])
-    print("against legacy (lower is better) -- " + figures[1])
+    _print_table(saves, reads, disk)
+    _print_notes(write, conv, reads, disk)
+    universal1, softprune1 = (reads.get(1, {}).get(f, {}).get("load_s") for f in ("universal", "softprune"))
+    if universal1 and softprune1:
+        print(f"  resume on 1 worker: softprune's load takes {softprune1 / universal1:.2f}x universal's")
+    print()
+    print(_ratios("universal", saves, reads, disk))
+    print(_ratios("softprune", saves, reads, disk))
 
 
 # -- main ------------------------------------------------------------------------------------
@@ -447,11 +474,9 @@ def main() -> int:
         conv = {"stock": _stock_conversion(work, inject=False), "stock_inject": _stock_conversion(work, inject=True)}
         conv["shim"] = _shim_conversion(work) if args.stage > 0 else {"ok": False, "seconds": 0.0,
                                                                       "error": "no ZeRO partitions to convert at stage 0"}
-        disk = {fmt: _disk(work / fmt) for fmt in FORMATS if (work / fmt).is_dir()}
-        reads = {}
-        for world in (2, 1):
-            args.read_formats = [f for f in FORMATS if f != "universal" or conv["shim"]["ok"]]
-            reads[world] = _spawn(world, args, "read")
+        args.read_formats = [f for f in FORMATS if f != "universal" or conv["shim"]["ok"]]
+        disk = {fmt: _disk(work / fmt) for fmt in args.read_formats}
+        reads = {world: _spawn(world, args, "read") for world in (2, 1)}
         report(args, write, conv, reads, disk)
     finally:
         if not args.keep:

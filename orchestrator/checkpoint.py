@@ -172,6 +172,9 @@ def restore_engine(engine, directory: str | Path, state: RunState) -> None:
                                          load_lr_scheduler_states=False)
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load the checkpoint in {d}")
+        link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+        if link is not None:  # ZeRO 1/2: moments reachable before the first step (a gather, an event)
+            link()
         return
     model = torch.load(d / MODEL_FILE, map_location="cpu", weights_only=True)
     optimizer = torch.load(d / OPTIM_FILE, map_location="cpu", weights_only=True)
