@@ -23,9 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .master import MasterCopy
-
-SCALAR_SKIP = ("momentum_buffer", "exp_avg", "exp_avg_sq")
+from .master import MOMENT_KEYS, MasterCopy
 
 
 def gather(engine, keep: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
@@ -66,8 +64,7 @@ def load(engine, model: dict[str, torch.Tensor], optimizer: dict[str, Any] | Non
             buf.copy_(model[name].to(buf.device, buf.dtype))
     if not optimizer or not optimizer.get("moments"):
         return  # saved before the first step: the optimiser has nothing to restore
-    _prime(master)
-    master = MasterCopy(engine)
+    _prime(master)  # the moments exist now; MasterCopy looks them up live
     for name, p in module.named_parameters():
         for key, value in optimizer["moments"].get(name, {}).items():
             master.set_moment(p, key, value)
@@ -103,7 +100,7 @@ def persistent_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
 def _scalars(master: MasterCopy) -> dict[str, float]:
     """Per-parameter scalars of the optimiser (AdamW's `step`): equal for every parameter."""
     for st in (master.inner.state.values() if master.inner is not None else ()):
-        return {k: float(v) for k, v in st.items() if k not in SCALAR_SKIP and (not torch.is_tensor(v) or v.numel() == 1)}
+        return {k: float(v) for k, v in st.items() if k not in MOMENT_KEYS and (not torch.is_tensor(v) or v.numel() == 1)}
     return {}
 
 
