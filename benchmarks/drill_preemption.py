@@ -205,11 +205,14 @@ def reclaim(cluster: DrillCluster, work: Path, shards: str, reference: dict) -> 
     d = Drill(work, "reclaim", shards, cluster.address)
     proc = d.launch(d.hold())
     d.hold_mid_epoch(proc)
-    before = {s["global_step"] for s in d.checkpoint_states()}
+    before = d.registered()
     victim = cluster.nodes[0]
     drain(cluster.address, victim.node_id, 60)  # the notice; rank 0 still sits in the stall
-    until = time.monotonic() + 90  # the notice must produce a checkpoint before the node goes
-    while not ({s["global_step"] for s in d.checkpoint_states()} - before) and time.monotonic() < until:
+    # A cloud takes the node at the notice's deadline. The drill takes it as soon as Ray has
+    # registered the just-in-time checkpoint: files in storage are not enough, since a result
+    # still queued in the worker dies with the node and the restart uses the last registered one.
+    until = time.monotonic() + 60
+    while d.registered() <= before and time.monotonic() < until:
         time.sleep(0.05)
     fault = time.time()
     cluster.reclaim(victim)  # as soon as the just-in-time checkpoint is there
