@@ -204,8 +204,8 @@ def test_worker_killed_mid_run_resumes_from_last_checkpoint(ray_cluster, shards,
 
 def test_a_stalled_rank_fails_and_the_run_resumes_and_finishes(ray_cluster, shards, tmp_path, monkeypatch):
     """Rank 1 stops making progress at global step 7 (injected once, 4 steps an epoch); its watchdog
-    fails it after 20 s (time for a step on a loaded 2-core CI machine), Ray restarts the group from the step-6 checkpoint (epoch 1, step 2), and the
-    run finishes with every epoch once."""
+    fails it after 20 s (room for a step on a loaded 2-core CI machine), Ray restarts the group
+    from the step-6 checkpoint (epoch 1, step 2), and the run finishes with every epoch once."""
     from orchestrator.driver import default_ray_temp_dir, run_training
 
     marker = tmp_path / "stalled_once"
