@@ -39,6 +39,8 @@ class Algorithm(Protocol):
     def on_epoch_end(self, run: Run) -> None: ...
     def on_finish(self, run: Run) -> None: ...
     def progress(self) -> dict[str, float | None]: ...  # for the progress line: rate, macs_kept
+    def epoch_stats(self, run: Run) -> dict[str, float]: ...  # extra per-epoch figures (history, wandb)
+    def loss(self, run: Run, inputs, logits, labels): ...  # the training loss of a micro-batch
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
@@ -70,6 +72,26 @@ class NoPruning:
 
     def progress(self) -> dict[str, float | None]:
         return {"rate": None, "macs_kept": None}
+
+    def epoch_stats(self, run: Run) -> dict[str, float]:
+        return _filter_norms(run)
+
+    def loss(self, run: Run, inputs, logits, labels):
+        """Cross-entropy, or the teacher's distillation loss once `distilling()` says so."""
+        import torch.nn.functional as F
+
+        p = self.cfg.pruning
+        if p.teacher is None or not self.distilling():
+            return F.cross_entropy(logits.float(), labels)
+        if getattr(self, "_teacher", None) is None:  # every rank reaches this at the same micro-step
+            from .distill import load_teacher
+
+            self._teacher = load_teacher(p.teacher, run)  # collective for teacher=self
+        return self._teacher.loss(inputs, logits, labels, p.distill_alpha, p.distill_temperature)
+
+    def distilling(self) -> bool:
+        """Whether the teacher's loss applies now (frozen masks, PFEC retraining)."""
+        return False
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -116,14 +138,20 @@ class Masker:
     def keep_current(self):
         return lambda tensors: self.masks
 
-    def mask_event(self, run: Run, choose, hard: bool, rate: float | None) -> None:
-        """One coordinator event (collective on every rank) plus its statistics."""
+    def mask_event(self, run: Run, choose, hard: bool, rate: float | None, at: float | None = None) -> None:
+        """One coordinator event (collective on every rank) plus its statistics. `at`: the
+        fractional epoch of a step-counted event (None: the end of `run.state.epoch`)."""
+        if self.masks is None and self.p.teacher == "self":
+            from .distill import save_self
+
+            save_self(run)  # the weights before the first mask: the run's own teacher
         masks, stats = self.coord.event(choose, hard=hard, zero_moments=self.p.zero_moments or hard,
                                         previous=self.masks)
         self.masks = masks
         cost = _masked_cost(run, self.groups, masks)
         self.history.append({
-            "epoch": run.state.epoch, "rate": rate, "hard": hard, "hash": stats["hash"],
+            "epoch": run.state.epoch, "at": at if at is not None else run.state.epoch + 1.0,
+            "global_step": run.state.global_step, "rate": rate, "hard": hard, "hash": stats["hash"],
             "rank_hashes": stats["rank_hashes"], "churn": stats["churn"], "seconds": stats["seconds"],
             "regrowth": stats["regrowth"], **cost})
         per_layer = {f"prune/kept/{k}": v for k, v in stats["kept_fraction"].items()}
@@ -150,6 +178,7 @@ class SoftPruning(NoPruning):
         self.masker: Masker | None = None
         self.freezer: GradientFreezer | None = None
         self.frozen = False  # masks are hard and held (finalized, or the freeze epoch reached)
+        self.compacted = False  # frozen and training the compacted model (pruning.compact_at_freeze)
         self._restored: Mapping[str, Any] = {}
 
     def extra_epochs(self) -> int:
@@ -157,16 +186,34 @@ class SoftPruning(NoPruning):
 
     def state_dict(self) -> dict[str, Any]:
         masker = self.masker.state_dict() if self.masker is not None else dict(self._restored)
-        return {**masker, "frozen": self.frozen}
+        state = {**masker, "frozen": self.frozen, "compacted": self.compacted}
+        if self.compacted:  # a resumed compact run has no masker: its progress line comes from here
+            state["progress"] = self.progress()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._restored, self.frozen = dict(state), bool(state.get("frozen", False))
+        self.compacted = bool(state.get("compacted", False))
 
     def progress(self) -> dict[str, float | None]:
-        return self.masker.progress() if self.masker is not None else super().progress()
+        if self.masker is not None:
+            return self.masker.progress()
+        return dict(self._restored.get("progress") or super().progress())
+
+    def epoch_stats(self, run: Run) -> dict[str, float]:
+        m = self.masker
+        compacted = getattr(self, "compacted", False)  # a compact model has no masked filters left
+        return _filter_norms(run, m.groups, m.masks) if m is not None and not compacted else _filter_norms(run)
+
+    def distilling(self) -> bool:
+        return self.frozen
 
     def on_train_start(self, run: Run) -> None:
         _count_dense(run)
+        if not self.frozen:
+            _warn_few_steps(run, self.cfg)
+        if self.compacted:  # resumed after the compaction: the masks were of the dense model
+            return
         self.masker = Masker(self.cfg, run, self._restored)  # resumed: the checkpoint's masks
         if self.frozen:
             self.freezer = GradientFreezer(run.model, self.masker.groups, self.masker.masks)
@@ -175,25 +222,41 @@ class SoftPruning(NoPruning):
         if run.state.epoch == self.frozen_from and not self.frozen:
             self.finalize_masks(run)
 
+    def on_step_end(self, run: Run) -> None:
+        """`pruning.every_steps`: a soft event every N optimizer steps, at the schedule's rate of
+        the fractional epoch (global_step is the same on every rank, so all ranks take part)."""
+        every, state = self.cfg.pruning.every_steps, run.state
+        if every is None or self.frozen or state.epoch >= self.frozen_from or state.global_step % every:
+            return
+        loader = run.train_loader
+        at = state.epoch + loader.samples_done() / max(loader.epoch_samples(), 1)
+        m = self.masker
+        m.mask_event(run, m.chooser(self.rate(at), state.epoch), hard=False, rate=self.rate(at), at=at)
+
     def on_epoch_end(self, run: Run) -> None:
         from pruning import is_prune_epoch
 
+        if self.compacted:  # the compact model has no masks left to hold
+            return
         epoch, m = run.state.epoch, self.masker
+        by_epoch = self.cfg.pruning.every_steps is None and is_prune_epoch(self.cfg.pruning, epoch)
         if self.frozen:  # re-apply the same hard masks: keeps the frozen zeros exact
             m.mask_event(run, m.keep_current(), hard=True, rate=None)
-        elif is_prune_epoch(self.cfg.pruning, epoch) or epoch + 1 == self.frozen_from:
+        elif by_epoch or epoch + 1 == self.frozen_from:  # and always the last event before the freeze
             m.mask_event(run, m.chooser(self.rate(epoch), epoch), hard=False, rate=self.rate(epoch))
 
     def on_finish(self, run: Run) -> None:
         if not self.frozen:
-            self.finalize_masks(run)
+            self.finalize_masks(run, then_train=False)
         elif run.state.epoch > self.frozen_from:
             run.record_stage("finetuned", run.last_eval)
         self.compact_and_write(run)
 
-    def finalize_masks(self, run: Run) -> None:
+    def finalize_masks(self, run: Run, then_train: bool = True) -> None:
         """Soft -> frozen: keep the faithful compaction of the soft model, hard mask, recalibrate
-        BN, hold the masks. Every stage is evaluated. Collective."""
+        BN, hold the masks: with `pruning.compact_at_freeze` (and training to follow) by going on
+        with the hard-compacted model, its optimizer state cut to the kept channels; else with
+        gradient hooks on the full-size model. Every stage is evaluated. Collective."""
         m, cfg = self.masker, self.cfg
         if m.masks is None:  # frozen before any soft event (freeze epoch 0): choose masks now
             rate = self.rate(max(run.state.epoch - 1, 0))
@@ -207,7 +270,13 @@ class SoftPruning(NoPruning):
                               cfg.pruning.recalibrate_batches)
         run.record_stage("recalibrated", dict(run.evaluate(), batches=used))
         run.last_eval = run.state.stages["recalibrated"]
-        self.freezer = GradientFreezer(run.model, m.groups, m.masks)
+        if then_train and cfg.pruning.compact_at_freeze:
+            from .compaction import compact_run
+
+            compact_run(run, m.groups, m.masks)  # sync point: a new engine
+            self.compacted = True
+        else:
+            self.freezer = GradientFreezer(run.model, m.groups, m.masks)
         self.frozen = True
 
     def _faithful_candidate(self, run: Run) -> None:
@@ -223,19 +292,24 @@ class SoftPruning(NoPruning):
             save_compact(run.checkpoint_files / "faithful", model, spec, {"stage": "compacted_faithful", **metrics})
 
     def compact_and_write(self, run: Run) -> None:
-        """Hard-compact the finalized model, evaluate it, pick the mode, write the outputs."""
+        """Hard-compact the finalized model (compacted at the freeze: the model itself), evaluate
+        it, pick the mode, write the outputs."""
         from pruning import compact, load_compact
 
-        m = self.masker
-        model, spec = compact(_cpu_copy(run.model), m.groups, m.masks, mode="hard", input_size=run.input_size)
-        run.record_stage("compacted_hard", run.evaluate_candidate(model))
+        if self.compacted:
+            model, spec = _cpu_copy(run.model), run.state.arch_spec
+            run.record_stage("compacted_hard", run.last_eval or run.evaluate())
+        else:
+            m = self.masker
+            model, spec = compact(_cpu_copy(run.model), m.groups, m.masks, mode="hard", input_size=run.input_size)
+            run.record_stage("compacted_hard", run.evaluate_candidate(model))
         mode, stages = self.cfg.pruning.compact_mode, run.state.stages
         if mode == "best":
             faithful = stages.get("compacted_faithful", {}).get("top1", -1.0)
             mode = "faithful" if faithful > stages["compacted_hard"].get("top1", -1.0) else "hard"
         if mode == "faithful" and run.rank == 0:  # rank-dependent: only rank 0 writes the outputs
             model, spec, _ = load_compact(run.checkpoint_files / "faithful")
-        write_outputs(run, model, spec, chosen=mode, extra={"mask_history": m.history})
+        write_outputs(run, model, spec, chosen=mode, extra={"mask_history": self.state_dict().get("history", [])})
 
 
 class HardPruning(NoPruning):
@@ -259,8 +333,13 @@ class HardPruning(NoPruning):
     def progress(self) -> dict[str, float | None]:
         return self.last_progress
 
+    def distilling(self) -> bool:
+        return self.compacted
+
     def on_epoch_start(self, run: Run) -> None:
-        from pruning import compact, make_schedule
+        from pruning import make_schedule
+
+        from .compaction import compact_run
 
         p, state = self.cfg.pruning, run.state
         if self.compacted or state.epoch != p.prune_epoch:
@@ -270,8 +349,7 @@ class HardPruning(NoPruning):
         m.mask_event(run, m.chooser(rate, state.epoch), hard=True, rate=rate)
         self.history, self.last_progress = m.history, m.progress()
         run.record_stage("pruned_masked", run.evaluate())
-        model, spec = compact(_cpu_copy(run.model), m.groups, m.masks, mode="hard", input_size=run.input_size)
-        run.replace_model(model, spec)  # collective: a new DeepSpeed engine at the smaller shape
+        compact_run(run, m.groups, m.masks)  # sync point: a new engine, the optimizer state cut to fit
         self.compacted = True
         run.record_stage("compacted_before_retrain", run.evaluate())
 
@@ -294,6 +372,48 @@ def make_algorithm(cfg: TrainConfig) -> Algorithm:
     if method == "pfec":
         return HardPruning(cfg)
     return NoPruning(cfg)
+
+
+# Fewer optimizer steps than this between soft events and the pruned filters' old momentum and
+# weight norms dominate what regrows; the papers had 391 (CIFAR-10) to ~5,000 (ImageNet).
+MIN_STEPS_BETWEEN_EVENTS = 200
+
+
+def _warn_few_steps(run: Run, cfg: TrainConfig) -> None:
+    """One line on rank 0 when soft mask events come fewer than ~200 optimizer steps apart."""
+    import math
+
+    p = cfg.pruning
+    per_epoch = max(len(run.train_loader) // max(run.accum, 1), 1)
+    between = p.every_steps if p.every_steps is not None else p.every * per_epoch
+    if run.rank != 0 or between >= MIN_STEPS_BETWEEN_EVENTS:
+        return
+    unit = f"pruning.every_steps={p.every_steps}" if p.every_steps else f"pruning.every={p.every} epoch(s) of {per_epoch} steps"
+    print(f"[softprune] warning: {between} optimizer steps between mask events ({unit}); the SFP/ASFP papers "
+          f"had 391 to ~5,000. Set pruning.every_steps={MIN_STEPS_BETWEEN_EVENTS} (or pruning.every="
+          f"{math.ceil(MIN_STEPS_BETWEEN_EVENTS / per_epoch)}) for their regime.", flush=True)
+
+
+def _filter_norms(run: Run, groups=None, masks=None) -> dict[str, float]:
+    """Per conv: the kept filters' mean norm and effective LR, logged to wandb; returns the
+    model-wide means for the epoch's history (see pruning/norms.py)."""
+    from torch import nn
+
+    from pruning.norms import filter_norm_stats, summarize
+
+    model = run.model
+    meta = getattr(model, "softprune_meta", None)
+    convs = list(meta.bn) if meta is not None else [n for n, mod in model.named_modules()
+                                                     if isinstance(mod, nn.Conv2d)]
+    modules = dict(model.named_modules())
+    weights = {c: modules[c].weight for c in convs if c in modules}
+    lr = run.engine.optimizer.param_groups[0]["lr"]
+    stats = filter_norm_stats(weights, lr, groups, masks)
+    logged = {f"norms/{c}": s["norm"] for c, s in stats.items()}
+    logged.update({f"eff_lr/{c}": s["eff_lr"] for c, s in stats.items()})
+    total = summarize(stats)
+    run.logger.log({"epoch": run.state.epoch, **logged, **{f"norms/mean_{k}": v for k, v in total.items()}})
+    return {f"filter_{k}": v for k, v in total.items()}
 
 
 def _spec(model) -> dict:

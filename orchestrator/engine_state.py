@@ -6,11 +6,14 @@ the same information into full tensors keyed by parameter name instead:
 
 - `model`: every parameter's fp32 master value (not the bf16/fp16 module copy) and every buffer;
 - `optimizer`: every parameter's full moments (`momentum_buffer`, `exp_avg`, ...), the optimiser's
-  scalar state (AdamW's `step`), the engine's step counters and, under fp16, the loss scale.
+  scalar state (AdamW's `step`), each param group's LR, the engine's step counters and, under
+  fp16, the loss scale.
 
 Loading scatters it into an engine of any world size through the same `MasterCopy` the pruning
 coordinator uses, so whatever layout DeepSpeed chose (ZeRO 1/2 fragments, stage-0 fp32 clones,
-plain fp32) receives the values where its `step()` reads them.
+plain fp32) receives the values where its `step()` reads them. Train-time compaction
+(orchestrator/compaction.py) gathers an engine's state, cuts it to the kept channels and loads it
+into the compacted model's engine the same way.
 
 Cost: gathering is one all-reduce of each parameter's size per tensor kind under ZeRO 1/2
 (values, then each moment); rank 0 holds the full fp32 model and moments on CPU while writing.
@@ -27,8 +30,9 @@ from .master import MOMENT_KEYS, MasterCopy
 
 
 def gather(engine, keep: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-    """(model state, optimizer state) on CPU where `keep` (rank 0), None elsewhere. Collective:
-    every rank calls it and walks the parameters in the same order."""
+    """(model state, optimizer state) on CPU where `keep` (rank 0 for a checkpoint; every rank
+    for compaction), None elsewhere. Collective: every rank calls it and walks the parameters in
+    the same order."""
     master = MasterCopy(engine)
     module: nn.Module = engine.module
     keys = master.moment_keys()
@@ -46,7 +50,8 @@ def gather(engine, keep: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
         model[name] = buf.detach().cpu().clone().float() if buf.is_floating_point() else buf.detach().cpu().clone()
     return model, {"moments": moments, "scalars": _scalars(master), "global_steps": int(engine.global_steps),
                    "global_samples": int(getattr(engine, "global_samples", 0)),
-                   "loss_scale": _loss_scale(engine)}
+                   "loss_scale": _loss_scale(engine),
+                   "lrs": [float(g["lr"]) for g in engine.optimizer.param_groups]}
 
 
 def load(engine, model: dict[str, torch.Tensor], optimizer: dict[str, Any] | None) -> None:
@@ -62,6 +67,10 @@ def load(engine, model: dict[str, torch.Tensor], optimizer: dict[str, Any] | Non
     with torch.no_grad():
         for name, buf in persistent_buffers(module).items():
             buf.copy_(model[name].to(buf.device, buf.dtype))
+    lrs = (optimizer or {}).get("lrs")  # the trainer also sets the LR at every step
+    if lrs is not None and len(lrs) == len(engine.optimizer.param_groups):
+        for group, lr in zip(engine.optimizer.param_groups, lrs):
+            group["lr"] = lr
     if not optimizer or not optimizer.get("moments"):
         return  # saved before the first step: the optimiser has nothing to restore
     _prime(master)  # the moments exist now; MasterCopy looks them up live

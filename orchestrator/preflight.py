@@ -9,7 +9,8 @@ anything else (with their `--allow-config-change` / `--verify-shards` flags). It
     HEAD with the manifest's byte count (`data.sources.check_source`; the sha256 of every shard
     only with `verify_shards`, a full read of the data set), the train and val splits give every
     rank at least one batch, and `model.num_classes` covers the manifest's classes;
-  * `model.pretrained` is an existing file;
+  * `model.pretrained` is an existing file; `pruning.teacher` (unless `self`) a complete model
+    directory (`arch.json`, `model.safetensors`, `report.json`: a finished run's `final/`);
   * run reuse: if `<storage>/<name>` already holds a run (its `config.yaml`, else its latest
     checkpoint's config), the run-defining fields (`RUN_DEFINING`) must be unchanged, unless
     `allow_config_change` says otherwise; the change is then recorded in the run directory.
@@ -56,6 +57,7 @@ def preflight(cfg: TrainConfig, allow_config_change: bool = False, verify_shards
     check_storage(cfg.storage_abspath)
     check_data(cfg, verify_shards)
     check_pretrained(cfg)
+    check_teacher(cfg)
     check_run_reuse(cfg, allow_config_change)
     _passed[key] = verify_shards
 
@@ -118,6 +120,23 @@ def check_pretrained(cfg: TrainConfig) -> None:
                          f"this directory; give an absolute path")
     if not os.path.isfile(os.path.expanduser(path)):
         raise ValueError(f"model.pretrained: no such file {path!r}")
+
+
+def check_teacher(cfg: TrainConfig) -> None:
+    from pruning.io import FILES
+
+    from .storage import exists, is_uri, join
+
+    source = cfg.pruning.teacher
+    if source is None or source == "self":
+        return
+    if not is_uri(source) and _workers_local() and not os.path.isabs(os.path.expanduser(source)):
+        raise ValueError(f"pruning.teacher: {source!r} is a relative path, and Ray workers do not run in "
+                         f"this directory; give an absolute path")
+    missing = [f for f in FILES if not exists(join(os.path.expanduser(source), f))]
+    if missing:
+        raise ValueError(f"pruning.teacher: {source!r} is not a finished model directory (no "
+                         f"{', '.join(missing)}); give a run's final/ directory or 'self'")
 
 
 # -- run reuse --------------------------------------------------------------------------------

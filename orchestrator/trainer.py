@@ -83,6 +83,7 @@ def train(run: Run) -> None:
         event(algo.on_epoch_start, run)
         epoch_metrics = train_epoch(run, algo, progress)
         event(algo.on_epoch_end, run)
+        epoch_metrics.update(algo.epoch_stats(run))  # e.g. the kept filters' norms
         run.last_eval = run.evaluate()  # sync point (all-reduce of the counts)
         state.history.append(dict(epoch=state.epoch, **epoch_metrics, **{f"val_{k}": v for k, v in run.last_eval.items()}))
         run.logger.log({"epoch": state.epoch, **{f"epoch/{k}": v for k, v in epoch_metrics.items()},
@@ -149,8 +150,9 @@ def micro_step(run: Run, images, labels, loader, index: int) -> torch.Tensor:
     before = loader.samples_done() - run.world * cfg.data.batch_size * (index + 1)
     epoch = run.state.epoch + before / max(loader.epoch_samples(), 1)
     set_lr(engine, run.lr_scale * lr_at(epoch, cfg))
-    logits = engine(to_input(images, cfg.data.mean, cfg.data.std, engine.module))
-    loss = torch.nn.functional.cross_entropy(logits.float(), labels.to(logits.device))
+    inputs = to_input(images, cfg.data.mean, cfg.data.std, engine.module)
+    logits = engine(inputs)
+    loss = run.algorithm.loss(run, inputs, logits, labels.to(logits.device))
     engine.backward(loss)  # sync point: gradient all-reduce / reduce-scatter (at the boundary)
     engine.step()
     return loss

@@ -111,12 +111,16 @@ class Run:
     def model(self) -> nn.Module:
         return self.engine.module
 
-    def replace_model(self, model: nn.Module, spec: dict) -> None:
-        """Swap in a compacted model: a fresh engine (DeepSpeed cannot load across shapes).
-        Collective on every rank."""
+    def replace_model(self, model: nn.Module, spec: dict, state: tuple[dict, dict] | None = None) -> None:
+        """Swap in a compacted model: a fresh engine (DeepSpeed cannot load across shapes), given
+        `state` ((model state, optimizer state) in `engine_state.gather`'s form, e.g. the old
+        engine's cut to the kept channels by orchestrator/compaction.py) so the optimizer goes on
+        where it was. Collective on every rank."""
+        from .compaction import start_engine
+
         if hasattr(self.engine, "destroy"):
             self.engine.destroy()  # frees DeepSpeed's hooks and buffers of the old shape
-        self._set_model(model)
+        self.engine = start_engine(model, self.cfg, self.world, state)  # sync point
         self.state.arch_spec = spec
 
     # -- evaluation and logging ------------------------------------------------------------

@@ -65,22 +65,51 @@ def compact(model: nn.Module, groups: GroupSet, masks: MaskSet, mode: str = "har
     return new, out_spec
 
 
-def _sliced(meta, sd: dict[str, Tensor], plan: Plan) -> dict[str, Tensor]:
-    values: dict[str, Tensor] = {}
+Index = tuple[tuple[int, Tensor], ...]  # (dim, kept original indices) selections, applied in order
+
+
+def tensor_index(meta, plan: Plan) -> dict[str, Index]:
+    """The selections that cut each tensor compaction narrows out of its dense value: conv weights
+    (dim 0 kept output channels, dim 1 kept input channels), conv biases and BN vectors and
+    statistics (dim 0), linear weights (dim 1 kept input features). Names absent are taken whole.
+    Conv bias names are listed whether or not the conv has a bias."""
+    index: dict[str, Index] = {}
     for conv in meta.convs:
-        keep = plan.out_keep[conv]
-        w = sd[f"{conv}.weight"].index_select(0, keep)
-        in_keep = plan.in_keep.get(conv)
-        values[f"{conv}.weight"] = w if in_keep is None else w.index_select(1, in_keep)
-        if f"{conv}.bias" in sd:
-            values[f"{conv}.bias"] = sd[f"{conv}.bias"].index_select(0, keep)
-        bn = meta.bn[conv]
+        keep, in_keep = plan.out_keep[conv], plan.in_keep.get(conv)
+        index[f"{conv}.weight"] = ((0, keep),) if in_keep is None else ((0, keep), (1, in_keep))
+        index[f"{conv}.bias"] = ((0, keep),)
         for field in ("weight", "bias", "running_mean", "running_var"):
-            values[f"{bn}.{field}"] = sd[f"{bn}.{field}"].index_select(0, keep)
+            index[f"{meta.bn[conv]}.{field}"] = ((0, keep),)
     for reader, in_keep in plan.in_keep.items():
         if reader not in meta.bn and in_keep is not None:  # a linear layer
-            values[f"{reader}.weight"] = sd[f"{reader}.weight"].index_select(1, in_keep)
-    return values
+            index[f"{reader}.weight"] = ((1, in_keep),)
+    return index
+
+
+def select_kept(t: Tensor, index: Index) -> Tensor:
+    """`t` cut by `index` (the selections of `tensor_index`)."""
+    for dim, keep in index:
+        t = t.index_select(dim, keep.to(t.device))
+    return t
+
+
+def compaction_index(model: nn.Module, groups: GroupSet, masks: MaskSet,
+                     mode: str = "hard") -> dict[str, Index | None]:
+    """For every parameter of the model `compact(model, groups, masks, mode)` builds (its names are
+    the dense model's): the selections that cut it out of the dense parameter (() = taken whole),
+    or None where compaction computes it otherwise (faithful mode folds removed inputs' constants
+    into a linear reader's bias, see `_fold`). What follows the weights through compaction, such
+    as optimizer moments, is cut by the same selections."""
+    meta, modules = model.softprune_meta, dict(model.named_modules())
+    plan = make_plan(model, groups, masks)
+    index = tensor_index(meta, plan)
+    folded = {f"{r}.bias" for r, k in plan.in_keep.items()
+              if mode == "faithful" and k is not None and isinstance(modules[r], nn.Linear)}
+    return {name: None if name in folded else index.get(name, ()) for name, _ in model.named_parameters()}
+
+
+def _sliced(meta, sd: dict[str, Tensor], plan: Plan) -> dict[str, Tensor]:
+    return {name: select_kept(sd[name], index) for name, index in tensor_index(meta, plan).items() if name in sd}
 
 
 def _shape_spec(dense: dict, meta, plan: Plan, const_input: list[str], scatter_bias: bool) -> dict:

@@ -33,22 +33,52 @@ class PruningConfig(BaseModel, extra="forbid"):
     last_prune_epoch: int | None = None  # E of the schedule; None = the run's last epoch
     prune_epoch: int = 0  # one_shot: the epoch whose start prunes (PFEC)
     every: int = 1  # mask every N epochs (SFP's epoch_prune)
+    # mask every N optimizer steps instead (the schedule then reads the fractional epoch): the
+    # papers had 391 (CIFAR) to ~5,000 (ImageNet) steps between events, whatever the data size
+    every_steps: int | None = None
     include: list[str] = []  # fnmatch patterns on conv module names
     exclude: list[str] = []
     preset: str | None = None  # e.g. "resnet56-B" (PFEC's published configurations)
     min_keep: int = 1  # floor of kept channels per group
     round_to: int = 1  # kept counts rounded up to a multiple of this
-    zero_moments: bool = False  # also zero optimizer moments of pruned filters
+    # Also zero the optimizer moments (SGD momentum, Adam's) of the filters each event zeroes.
+    # The authors' code zeroes weights only (False): the old momentum then pushes a pruned filter
+    # straight back and the run ships a far worse model when events are few steps apart
+    # (docs/design.md, "Momentum at mask events").
+    zero_moments: bool = True
     freeze_epoch: int | None = None  # from this epoch on masks are frozen
     finetune_epochs: int = 0  # after a soft run: K epochs with frozen masks
+    # Distillation while the masks are frozen (and while PFEC retrains): "self" (the run's weights
+    # just before its first mask event) or a finished run's final/ directory (path or URI)
+    teacher: str | None = None
+    distill_alpha: float = 0.5  # weight of the teacher's term; the labels' cross-entropy gets 1 - alpha
+    distill_temperature: float = 4.0
     recalibrate_batches: int = 50  # BN recalibration batches at finalize
     compact_mode: Literal["best"] | CompactMode = "best"
+    # At the freeze (soft methods) go on training the hard-compacted model in a new engine whose
+    # optimizer moments are the old ones at the kept channels: the frozen-mask epochs then cost the
+    # compact model's MACs. False trains the full-size model with frozen masks (gradient hooks) instead.
+    compact_at_freeze: bool = True
 
     @field_validator("rate")
     @classmethod
     def _rate_in_range(cls, v: float) -> float:
         if not 0.0 <= v < 1.0:
             raise ValueError(f"rate must be in [0, 1) (a fraction of filters to prune), got {v}")
+        return v
+
+    @field_validator("distill_alpha")
+    @classmethod
+    def _alpha_in_range(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"distill_alpha must be in [0, 1], got {v}")
+        return v
+
+    @field_validator("distill_temperature")
+    @classmethod
+    def _temperature_positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError(f"distill_temperature must be > 0, got {v}")
         return v
 
     @field_validator("asymptotic_d")
@@ -58,10 +88,10 @@ class PruningConfig(BaseModel, extra="forbid"):
             raise ValueError(f"asymptotic_d must be in (0, 0.75) (ASFP's D, default 1/8), got {v}")
         return v
 
-    @field_validator("every", "min_keep", "round_to")
+    @field_validator("every", "min_keep", "round_to", "every_steps")
     @classmethod
-    def _positive(cls, v: int, info) -> int:
-        if v < 1:
+    def _positive(cls, v: int | None, info) -> int | None:
+        if v is not None and v < 1:
             raise ValueError(f"{info.field_name} must be >= 1, got {v}")
         return v
 
@@ -90,6 +120,11 @@ class PruningConfig(BaseModel, extra="forbid"):
         if self.preset is not None and self.policy != "pfec":
             raise ValueError(f"preset {self.preset!r} is a PFEC configuration: set policy='pfec' "
                              f"(got policy={self.policy!r})")
+        if self.teacher is not None and self.method == "none":
+            raise ValueError("teacher is used while masks are frozen or PFEC retrains: set a pruning method")
+        if self.every_steps is not None and self.every != 1:
+            raise ValueError(f"set either every (epochs) or every_steps (optimizer steps), not both "
+                             f"(got every={self.every}, every_steps={self.every_steps})")
         if self.preset is not None and self.scope != "layer":
             raise ValueError("a preset fixes per-layer rates: scope must be 'layer'")
         return self

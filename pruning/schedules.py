@@ -1,7 +1,8 @@
-"""Pruning-rate schedules: pure functions of the epoch, so a resumed run recomputes the same rate.
+"""Pruning-rate schedules: pure functions of the (fractional) epoch, so a resumed run recomputes
+the same rate. Step-counted events (`every_steps`) ask at fractional epochs, e.g. 2.25.
 
-E is the schedule's last epoch (`last_prune_epoch`, default the run's last 0-based epoch,
-`total_epochs - 1`); after E every schedule stays at the goal rate P.
+E is the schedule's last epoch (`last_prune_epoch`; default the epoch before `freeze_epoch`, else
+the run's last 0-based epoch, `total_epochs - 1`); after E every schedule stays at the goal rate P.
 - constant (SFP): P from epoch 0.
 - asymptotic (ASFP): P(t) = a*exp(-k t) + b through P(0) = 0, P(D*E) = 3/4 P, P(E) = P.
 - linear: P * t/E.  cubic: P * (1 - (1 - t/E)^3) (Zhu & Gupta's gradual pruning).
@@ -16,7 +17,7 @@ from collections.abc import Callable
 
 from .config import PruningConfig
 
-Schedule = Callable[[int], float]
+Schedule = Callable[[float], float]
 
 
 def constant(goal: float) -> Schedule:
@@ -65,13 +66,14 @@ def asymptotic(goal: float, last: int, d: float = 0.125) -> Schedule:
 
 
 def make_schedule(cfg: PruningConfig, total_epochs: int) -> Schedule:
-    """The rate to prune at, as a function of the 0-based epoch, for `cfg` over `total_epochs`."""
+    """The rate to prune at, as a function of the 0-based (fractional) epoch, for `cfg` over
+    `total_epochs`."""
     if total_epochs < 1:
         raise ValueError(f"total_epochs must be >= 1, got {total_epochs}")
     goal = 1.0 if cfg.preset is not None else cfg.rate
     if cfg.method == "none":
         return constant(0.0)
-    last = cfg.last_prune_epoch if cfg.last_prune_epoch is not None else total_epochs - 1
+    last = cfg.last_prune_epoch if cfg.last_prune_epoch is not None else default_last_epoch(cfg, total_epochs)
     kind = cfg.resolved_schedule
     if kind == "constant":
         return constant(goal)
@@ -82,6 +84,14 @@ def make_schedule(cfg: PruningConfig, total_epochs: int) -> Schedule:
     if kind == "cubic":
         return cubic(goal, last)
     return asymptotic(goal, last, cfg.asymptotic_d)
+
+
+def default_last_epoch(cfg: PruningConfig, total_epochs: int) -> int:
+    """E when `last_prune_epoch` is unset: the last epoch with soft events, i.e. the one before
+    `freeze_epoch` (so the goal rate is reached before the masks freeze), else the run's last."""
+    if cfg.freeze_epoch is not None and 1 <= cfg.freeze_epoch - 1 < total_epochs - 1:
+        return cfg.freeze_epoch - 1
+    return total_epochs - 1
 
 
 def is_prune_epoch(cfg: PruningConfig, epoch: int) -> bool:

@@ -258,7 +258,11 @@ def test_manifest_sha256_checked_only_on_request(setup, tmp_path, ray_tmp, capsy
     (["data.batch_size=64"], "data.train: 32 samples"),
     (["model.num_classes=10"], "has 32 classes, more than model.num_classes=10"),
     (["model.pretrained=/no/such/weights.pt"], "model.pretrained: no such file '/no/such/weights.pt'"),
-], ids=["batch-larger-than-data", "classes-beyond-classifier", "pretrained-missing"])
+    (["pruning.method=sfp", "pruning.teacher=/no/such/run/final"],
+     "pruning.teacher: '/no/such/run/final' is not a finished model directory"),
+    (["pruning.method=sfp", "pruning.teacher=runs/x/final"], "pruning.teacher: 'runs/x/final' is a relative path"),
+], ids=["batch-larger-than-data", "classes-beyond-classifier", "pretrained-missing", "teacher-missing",
+        "teacher-relative"])
 def test_data_that_does_not_fit_the_model(setup, tmp_path, ray_tmp, capsys, overrides, expected):
     config, _ = setup
     line = refused(["train", str(config), *overrides], capsys, tmp_path, ray_tmp)

@@ -82,7 +82,9 @@ def _expected(epochs: int, steps: int) -> list[str]:
 @pytest.mark.parametrize("method, overrides, epochs", [
     ("none", {}, 2),
     ("sfp", {"pruning.method": "sfp", "pruning.rate": 0.3, "pruning.finetune_epochs": 1,
-             "pruning.recalibrate_batches": 1}, 3),
+             "pruning.recalibrate_batches": 1, "pruning.compact_at_freeze": False}, 3),
+    ("sfp_compacted", {"pruning.method": "sfp", "pruning.rate": 0.3, "pruning.finetune_epochs": 1,
+                       "pruning.recalibrate_batches": 1}, 3),
     ("pfec", {"pruning.method": "pfec", "pruning.policy": "pfec", "pruning.rate": 0.5, "pruning.prune_epoch": 1}, 2),
 ])
 def test_events_in_order_and_state_round_trips(method, overrides, epochs, world_of_one, shards, tmp_path,
@@ -100,9 +102,63 @@ def test_events_in_order_and_state_round_trips(method, overrides, epochs, world_
         assert saved["frozen"] and saved["masks"] is not None
         assert [e["hard"] for e in saved["history"]] == [False, False, True, True]  # 2 soft, finalize, 1 frozen
         assert again.progress()["rate"] is None  # nothing measured before the run's groups exist
+        assert not saved["compacted"] and run.state.arch_spec is None
+    if method == "sfp_compacted":  # the fine-tuning epoch trained the compacted model: no mask event
+        assert saved["frozen"] and saved["compacted"] and run.state.arch_spec is not None
+        assert [e["hard"] for e in saved["history"]] == [False, False, True]  # 2 soft, finalize
+        assert again.progress() == saved["progress"] and 0 < saved["progress"]["macs_kept"] < 1
     if method == "pfec":
         assert saved["compacted"] and run.state.arch_spec is not None and len(saved["history"]) == 1
         assert 0 < again.progress()["macs_kept"] < 1
     if method == "none":
         assert saved == {}
     assert run.report is not None and run.report["mask_history"] == saved.get("history", [])
+
+
+def test_step_counted_mask_events_follow_the_fractional_schedule(world_of_one, shards, tmp_path, monkeypatch,
+                                                                 capsys):
+    """`pruning.every_steps=3` with 4 steps per epoch: soft events at global steps 3, 6, 9, 12 at
+    the ASFP rate of the fractional epoch, the last one before the freeze, then the finalize; the
+    run says once that 3 steps between events is far below the papers' regime."""
+    from pruning import make_schedule
+
+    cfg, run, calls = _run({"epochs": 3, "pruning.method": "asfp", "pruning.rate": 0.4, "pruning.every_steps": 3,
+                            "pruning.recalibrate_batches": 1}, shards, tmp_path, monkeypatch)
+    history = run.algorithm.state_dict()["history"]
+    soft = [e for e in history if not e["hard"]]
+    assert [e["global_step"] for e in soft] == [3, 6, 9, 12, 12]  # + the event before the freeze
+    assert [e["at"] for e in soft[:4]] == pytest.approx([0.75, 1.5, 2.25, 3.0])
+    rate = make_schedule(cfg.pruning, cfg.epochs)
+    assert [e["rate"] for e in soft[:4]] == pytest.approx([rate(e["at"]) for e in soft[:4]])
+    assert soft[0]["rate"] < soft[1]["rate"] < soft[2]["rate"]  # the curve rises within epochs too
+    assert [e["hard"] for e in history][-1] is True
+    out = capsys.readouterr().out
+    assert out.count("optimizer steps between mask events") == 1 and "pruning.every_steps=200" in out
+    assert all(h["filter_norm"] > 0 and h["filter_eff_lr"] > 0 for h in run.state.history)
+
+
+def test_distillation_from_the_runs_own_weights_and_from_a_finished_run(world_of_one, shards, tmp_path,
+                                                                        monkeypatch):
+    """teacher=self: the weights just before the first mask event teach the frozen-mask epochs.
+    teacher=<dense run's final/>: PFEC's retraining learns from the finished dense model."""
+    import torch
+
+    soft = {"epochs": 2, "pruning.method": "sfp", "pruning.rate": 0.5, "pruning.finetune_epochs": 1,
+            "pruning.recalibrate_batches": 1, "pruning.teacher": "self", "pruning.distill_alpha": 0.7}
+    _, run, _ = _run(soft, shards, tmp_path / "self", monkeypatch)
+    algo = run.algorithm._inner
+    teacher = algo._teacher.model
+    assert not any(q.requires_grad for q in teacher.parameters())
+    first = run.state.stages  # the run went through finalize and the frozen epoch
+    assert "finetuned" in first or "recalibrated" in first
+    widths = [m.out_channels for m in teacher.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert widths[0] == 16  # the dense shape: the teacher is the model before any mask
+
+    _, dense, _ = _run({}, shards, tmp_path / "dense", monkeypatch)
+    final = tmp_path / "dense" / "algo" / "final"
+    hard = {"pruning.method": "pfec", "pruning.policy": "pfec", "pruning.rate": 0.5, "pruning.prune_epoch": 1,
+            "pruning.teacher": str(final)}
+    _, pfec, _ = _run(hard, shards, tmp_path / "pfec", monkeypatch)
+    got = dict(pfec.algorithm._inner._teacher.model.named_parameters())
+    for name, value in dense.model.named_parameters():
+        assert torch.equal(got[name].float().cpu(), value.detach().float().cpu()), name

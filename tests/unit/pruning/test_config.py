@@ -39,3 +39,17 @@ def test_preset_is_normalised_and_needs_pfec_layer_scope():
         PruningConfig(preset="resnet56-B")
     with pytest.raises(pydantic.ValidationError, match="scope"):
         PruningConfig(policy="pfec", preset="resnet56-B", scope="global")
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"every_steps": 0}, "every_steps must be >= 1"),
+    ({"every_steps": 300, "every": 2}, "not both"),
+])
+def test_step_counted_events_are_validated(fields, words):
+    with pytest.raises(ValueError, match=words):
+        PruningConfig(method="sfp", **fields)
+
+
+def test_moments_of_pruned_filters_are_zeroed_by_default():
+    # the authors' code leaves them (zero_moments=false); see docs/design.md for why we differ
+    assert PruningConfig(method="sfp").zero_moments is True

@@ -69,3 +69,23 @@ def test_too_short_runs_are_rejected():
     with pytest.raises(ValueError, match="E >= 1"):
         make_schedule(PruningConfig(method="asfp"), 1)
     assert not math.isnan(make_schedule(PruningConfig(method="asfp"), 2)(1))
+
+
+def test_schedules_read_fractional_epochs():
+    """Step-counted events ask for the rate part-way through an epoch: the ASFP curve rises
+    between integer epochs and meets them there."""
+    f = make_schedule(PruningConfig(method="asfp", rate=0.4), 10)
+    points = [f(t / 4) for t in range(0, 37)]
+    assert all(a < b for a, b in zip(points, points[1:]))
+    assert f(2.0) == pytest.approx(f(2)) and f(1.0) < f(1.5) < f(2.0)
+
+
+def test_the_goal_is_reached_before_the_masks_freeze():
+    """With freeze_epoch=15 and no last_prune_epoch, the last soft event (end of epoch 14) is
+    at the goal rate, not at the rate of a curve that would end at epoch 29."""
+    cfg = PruningConfig(method="asfp", rate=0.4, freeze_epoch=15)
+    f = make_schedule(cfg, 30)
+    assert f(14) == pytest.approx(0.4)
+    assert f(13) < 0.4
+    explicit = make_schedule(PruningConfig(method="asfp", rate=0.4, freeze_epoch=15, last_prune_epoch=29), 30)
+    assert explicit(14) < 0.4  # an explicit E wins
