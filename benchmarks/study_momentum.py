@@ -37,7 +37,7 @@ from pruning import PruningConfig, apply_masks, groups_from_config, make_chooser
 from pruning.masks import conv_keep  # noqa: E402
 from pruning.norms import filter_norm_stats, summarize  # noqa: E402
 
-VARIANTS = {"dense": None, "sfp_authors": False, "sfp_zeroed": True}
+VARIANTS = {"dense": None, "sfp_authors": False, "sfp_zeroed": True, "sfp_zeroed_renorm": True}
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -56,6 +56,9 @@ class Study:
         self.groups = groups_from_config(self.model, p)
         self.choose = make_chooser(self.groups, p)
         self.rate = make_schedule(p, args.epochs)
+        self.renorm = variant.endswith("_renorm")
+        convs = dict(self.model.named_modules())
+        self.init_norm = {c: float(_rows(convs[c].weight).norm(dim=1).mean()) for c in self.groups.convs()}
         self.masks = None
         self.pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # conv -> (drop, weights before)
         self.events: list[dict] = []
@@ -85,8 +88,30 @@ class Study:
         apply_masks(self.model, self.groups, masks, hard=False, optimizer=self.opt,
                     zero_moments=self.zero_moments)
         self.masks = masks
+        if self.renorm:
+            self.renormalise(keep)
         self.events.append({"epoch": epoch, "rate": self.rate(epoch),
                             "mom_ratio": sum(pruned_mom) / max(sum(kept_mom), 1e-12) if kept_mom else None})
+
+    def renormalise(self, keep: dict) -> None:
+        """Norm control: every kept filter back to its conv's mean norm at init. The BN after it
+        gets running stats scaled to match (the eval function is unchanged) and the momentum is
+        scaled by c too, so the step it carries keeps its size relative to the filter (1/c, the
+        gradient's own scaling, turns a 100x shrink into a 10^4x larger relative step: NaN)."""
+        modules = dict(self.model.named_modules())
+        with torch.no_grad():
+            for conv, k in keep.items():
+                w = modules[conv].weight
+                norms = _rows(w).norm(dim=1)
+                c = torch.where(k.bool() & (norms > 0), self.init_norm[conv] / norms.clamp_min(1e-12),
+                                torch.ones_like(norms))
+                w.mul_(c.view(-1, 1, 1, 1))
+                bn = modules[self.groups.member_of[conv][1].bn]
+                bn.running_mean.mul_(c)
+                bn.running_var.mul_(c * c)
+                buf = self.opt.state.get(w, {}).get("momentum_buffer")
+                if buf is not None:
+                    buf.mul_(c.view(-1, 1, 1, 1))
 
     def after_first_step(self) -> None:
         """Where the zeroed filters went in the step after the event."""
@@ -155,7 +180,7 @@ def run(args, variant: str) -> dict:
             loss.backward()
             s.opt.step()
             s.after_first_step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             step += 1
             if args.every_steps and s.zero_moments is not None and step % args.every_steps == 0:
                 s.event(epoch)

@@ -176,7 +176,7 @@ class TrainConfig(_Section):
     """Everything one training run needs; saved with the run and sent to wandb."""
 
     name: str = Field("softprune-run", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
-    storage: str = "runs"  # local path or URI (s3://, gs://, ...) where Ray keeps the run
+    storage: str = Field("runs", validate_default=True)  # local path or URI (s3://, ...) where Ray keeps the run
     epochs: int = Field(1, ge=1)
     seed: int = 0
     stop_after_epoch: int | None = Field(None, ge=0)  # end this invocation after that epoch (resume later)
@@ -201,9 +201,16 @@ class TrainConfig(_Section):
             raise ValueError("scaling.precision='fp16' needs GPUs; use fp32 or bf16 on CPU workers")
         return self
 
+    @field_validator("storage")
+    @classmethod
+    def _absolute_storage(cls, v: str) -> str:
+        """A relative path is taken from the launching directory, here, where the config is first
+        validated: Ray's workers validate it again in another working directory."""
+        return v if "://" in v else str(Path(v).expanduser().resolve())
+
     @property
     def storage_abspath(self) -> str:
-        """Ray wants an absolute path or a URI; a relative path is taken from the current dir."""
+        """Ray wants an absolute path or a URI (the validator already made a local path absolute)."""
         return self.storage if "://" in self.storage else str(Path(self.storage).expanduser().resolve())
 
 

@@ -95,3 +95,17 @@ def test_cli_train_prints_resolved_config(capsys):
     assert main(["train", "launch.recipes:resnet56_pfec", "data.train=/x", "--print-config"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["pruning"]["preset"] == "resnet56-B" and out["model"]["name"] == "resnet56"
+
+
+def test_a_relative_storage_is_made_absolute_where_the_config_is_first_read(tmp_path, monkeypatch):
+    """Ray's workers validate the config again in their own working directory: a relative path
+    resolved there put a run's outputs under Ray's session folder."""
+    monkeypatch.chdir(tmp_path)
+    for given in (["storage=runs"], []):  # set, and the default
+        cfg = load_config(BASE, given)
+        assert cfg.storage == str(tmp_path / "runs")
+        monkeypatch.chdir("/")
+        again = TrainConfig.model_validate(cfg.model_dump(mode="json"))  # what a worker does
+        assert again.storage_abspath == str(tmp_path / "runs")
+        monkeypatch.chdir(tmp_path)
+    assert load_config(BASE, ["storage=s3://bucket/runs"]).storage == "s3://bucket/runs"
