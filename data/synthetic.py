@@ -19,9 +19,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from data.scenes import SCENES_VERSION, SceneTable, Style
 from data.shardset_writer import Sample, ShardJob, write_shard_set
 
 SPLIT_IDS = {"train": 0, "val": 1}
+# "grating": this module's gratings; "scenes": textured shapes among clutter (data/scenes.py).
+KINDS = ("grating", "scenes")
 
 
 @dataclass(frozen=True)
@@ -74,28 +77,41 @@ class SyntheticProducer:
     size: int
     seed: int
     quality: int
+    kind: str = "grating"
+    style: tuple[tuple[str, float], ...] = ()  # scenes: Style fields that differ from the defaults
 
     def samples(self, job: ShardJob) -> Iterator[Sample]:
         split, lo, hi, total = job.items
-        table = ClassTable.make(self.classes, self.seed)
+        draw = self._painter()
         labels = labels_for(split, total, self.classes, self.seed)
         for i in range(lo, hi):
             rng = np.random.default_rng([self.seed, SPLIT_IDS[split], i])
             out = io.BytesIO()
-            Image.fromarray(render(int(labels[i]), table, self.size, rng)).save(
-                out, format="JPEG", quality=self.quality)
+            Image.fromarray(draw(int(labels[i]), rng)).save(out, format="JPEG", quality=self.quality)
             yield Sample(f"{split}_{i:08d}", out.getvalue(), int(labels[i]))
+
+    def _painter(self):
+        """(label, rng) -> uint8 image of this producer's kind."""
+        if self.kind == "scenes":
+            scenes = SceneTable.make(self.classes, self.seed, Style(**dict(self.style)))
+            return lambda label, rng: scenes.render(label, self.size, rng)
+        table = ClassTable.make(self.classes, self.seed)
+        return lambda label, rng: render(label, table, self.size, rng)
 
 
 def write_synthetic(out_dir: str | Path, classes: int, train: int, val: int, size: int, seed: int = 0,
                     shard_size: int = 1000, quality: int = 90, workers: int = 1,
-                    progress: bool = False) -> Path:
+                    progress: bool = False, kind: str = "grating", style: dict | None = None) -> Path:
     """Write `train` + `val` synthetic images of `size` px in `classes` classes; return the manifest path.
 
+    `kind` is "grating" (this module's gratings) or "scenes" (data/scenes.py, the harder dev set);
+    `style` overrides fields of the scenes' `Style` (recorded in the manifest's settings).
     Same layout as ImageNet shards (`train-000000.tar`, ..., `val-000000.tar`, `manifest.json`).
     Running it again on a finished directory with the same arguments only re-verifies it.
     """
     _check_synthetic_args(classes, train, val, size, shard_size, quality)
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     jobs = []
     for split, count in (("train", train), ("val", val)):
         for n, lo in enumerate(range(0, count, shard_size)):
@@ -103,9 +119,14 @@ def write_synthetic(out_dir: str | Path, classes: int, train: int, val: int, siz
             jobs.append(ShardJob(f"{split}-{n:06d}.tar", split, (split, lo, hi, count)))
     settings = {"kind": "synthetic", "classes": classes, "train": train, "val": val, "size": size,
                 "seed": seed, "shard_size": shard_size, "quality": quality}
+    if kind == "scenes":
+        # Gratings keep the settings they always had (their shard sets still resume); a scenes set
+        # records its generator's version, so that one written by an older generator is refused.
+        settings.update(kind="scenes", generator=SCENES_VERSION, **({"style": style} if style else {}))
     names = [f"class_{c:04d}" for c in range(classes)]
     sizes = {j.name: j.items[2] - j.items[1] for j in jobs}
-    return write_shard_set(out_dir, jobs, SyntheticProducer(classes, size, seed, quality), names,
+    return write_shard_set(out_dir, jobs, SyntheticProducer(classes, size, seed, quality, kind,
+                                                               tuple(sorted((style or {}).items()))), names,
                            settings, sizes, workers, progress)
 
 
