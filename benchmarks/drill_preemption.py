@@ -250,7 +250,9 @@ def torn_checkpoint(cluster: DrillCluster, work: Path, shards: str) -> Outcome:
     d = Drill(work, "torn", shards, cluster.address)
     marker = work / "torn.fired"
     kill_at = 2 * STEPS_PER_EPOCH  # the end-of-epoch-1 checkpoint
-    proc = d.launch(f"kill:rank=0:at=checkpoint:step={kill_at}:once={marker}")
+    # The stall mid epoch 1 gives Ray time to register the epoch-0 checkpoint: a report still
+    # queued in the killed worker would die with it, and the restart would start from scratch.
+    proc = d.launch(f"{d.hold()};kill:rank=0:at=checkpoint:step={kill_at}:once={marker}")
     rc = finish(proc)
     fired = marker.exists()
     fault = marker.stat().st_mtime if fired else time.time()
