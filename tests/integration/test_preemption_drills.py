@@ -30,5 +30,10 @@ def outcomes(tmp_path_factory):
 def test_drill(outcomes, name):
     outcome = outcomes[name]
     assert outcome.ok, f"{name}: {outcome.detail}"
-    # a fault never costs more than the work since the last checkpoint (at most one epoch here)
-    assert outcome.steps_lost is not None and outcome.steps_lost <= drills.STEPS_PER_EPOCH
+    assert outcome.steps_lost is not None
+    # A fault costs at most the work since the last checkpoint (one epoch here). A reclaim is
+    # judged by its checkpoint instead (`ok`: the restart used the one the notice caused); what
+    # it loses is what ran between that checkpoint and the node's removal, which the drill delays
+    # until Ray has registered the checkpoint.
+    if name != "reclaim":
+        assert outcome.steps_lost <= drills.STEPS_PER_EPOCH
