@@ -31,11 +31,18 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data import DataConfig, make_train_loader, make_val_loader, normalize  # noqa: E402
-from models import create_model  # noqa: E402
-from pruning import PruningConfig, apply_masks, groups_from_config, make_chooser, make_schedule  # noqa: E402
-from pruning.masks import conv_keep  # noqa: E402
-from pruning.norms import filter_norm_stats, summarize  # noqa: E402
+from data import DataConfig, make_train_loader, make_val_loader, normalize
+from models import create_model
+from pruning import (
+    PruningConfig,
+    apply_masks,
+    groups_from_config,
+    make_chooser,
+    make_schedule,
+)
+from pruning.masks import conv_keep
+from pruning.norms import filter_norm_stats, summarize
+from pruning.renorm import layer_norms, renormalise
 
 VARIANTS = {"dense": None, "sfp_authors": False, "sfp_zeroed": True, "sfp_zeroed_renorm": True}
 
@@ -57,8 +64,7 @@ class Study:
         self.choose = make_chooser(self.groups, p)
         self.rate = make_schedule(p, args.epochs)
         self.renorm = variant.endswith("_renorm")
-        convs = dict(self.model.named_modules())
-        self.init_norm = {c: float(_rows(convs[c].weight).norm(dim=1).mean()) for c in self.groups.convs()}
+        self.init_norm = layer_norms(self.groups, dict(self.model.named_parameters()))
         self.masks = None
         self.pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # conv -> (drop, weights before)
         self.events: list[dict] = []
@@ -88,30 +94,10 @@ class Study:
         apply_masks(self.model, self.groups, masks, hard=False, optimizer=self.opt,
                     zero_moments=self.zero_moments)
         self.masks = masks
-        if self.renorm:
-            self.renormalise(keep)
+        if self.renorm:  # the product's norm control (pruning.norm_control=init)
+            renormalise(self.model, self.groups, masks, self.init_norm, self.opt)
         self.events.append({"epoch": epoch, "rate": self.rate(epoch),
                             "mom_ratio": sum(pruned_mom) / max(sum(kept_mom), 1e-12) if kept_mom else None})
-
-    def renormalise(self, keep: dict) -> None:
-        """Norm control: every kept filter back to its conv's mean norm at init. The BN after it
-        gets running stats scaled to match (the eval function is unchanged) and the momentum is
-        scaled by c too, so the step it carries keeps its size relative to the filter (1/c, the
-        gradient's own scaling, turns a 100x shrink into a 10^4x larger relative step: NaN)."""
-        modules = dict(self.model.named_modules())
-        with torch.no_grad():
-            for conv, k in keep.items():
-                w = modules[conv].weight
-                norms = _rows(w).norm(dim=1)
-                c = torch.where(k.bool() & (norms > 0), self.init_norm[conv] / norms.clamp_min(1e-12),
-                                torch.ones_like(norms))
-                w.mul_(c.view(-1, 1, 1, 1))
-                bn = modules[self.groups.member_of[conv][1].bn]
-                bn.running_mean.mul_(c)
-                bn.running_var.mul_(c * c)
-                buf = self.opt.state.get(w, {}).get("momentum_buffer")
-                if buf is not None:
-                    buf.mul_(c.view(-1, 1, 1, 1))
 
     def after_first_step(self) -> None:
         """Where the zeroed filters went in the step after the event."""
@@ -222,7 +208,8 @@ def main(argv=None) -> int:
           f"{'back_cos':>8s} {'jump':>6s}")
     for r in results:
         ev = [e for e in r["events"] if e.get("back_cos") is not None]
-        mean = lambda k: sum(e[k] or 0 for e in ev) / len(ev) if ev else float("nan")  # noqa: E731
+        def mean(k, ev=ev):
+            return sum(e[k] or 0 for e in ev) / len(ev) if ev else float("nan")
         print(f"{r['variant']:12s} {r['soft_top1']:9.3f} {r.get('hard_recalibrated_top1', float('nan')):10.3f} "
               f"{r['epochs'][-1]['kept_norm']:10.2f} {mean('mom_ratio'):9.2f} {mean('back_cos'):8.2f} {mean('jump'):6.2f}")
     if args.out:

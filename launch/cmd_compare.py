@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", nargs="+", metavar="RUN", default=None,
                         help="train only these runs of the spec (the comparison still covers every "
                         "finished run)")
+    parser.add_argument("--seeds", nargs="+", type=int, metavar="SEED", default=None,
+                        help="train only these of the spec's seeds (the comparison still covers every "
+                        "finished run)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: rebuild the table and plots from the reports there are")
@@ -43,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     plan = plan_runs(spec, overrides)  # every run's config, validated before anything starts
     comparison = run_compare(spec, plan, only=only, num_cpus=args.num_cpus, report_only=args.report_only,
-                             allow_config_change=args.allow_config_change, verify_shards=args.verify_shards)
+                             allow_config_change=args.allow_config_change, verify_shards=args.verify_shards,
+                             seeds=args.seeds)
     if comparison is not None:
         print("\n" + markdown_table(comparison), flush=True)
         print(f"comparison written to {spec.out_dir} (compare.json, compare.md, top1_vs_macs.png, "

@@ -118,9 +118,16 @@ class Masker:
         self.dense_macs = (run.state.dense_counts or {}).get("macs")
         if self.masks is not None:
             self.masks.check(groups)  # a checkpoint's masks must fit this model's groups
+        self.norm_targets: dict[str, float] | None = state.get("norm_targets")
+        if self.p.norm_control == "init" and self.norm_targets is None:
+            from pruning.renorm import layer_norms
+
+            # at the start of training (collective under ZeRO: every rank builds its Masker here)
+            self.norm_targets = layer_norms(groups, self.coord.full_tensors())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"masks": self.masks.to_state() if self.masks is not None else None, "history": self.history}
+        return {"masks": self.masks.to_state() if self.masks is not None else None, "history": self.history,
+                "norm_targets": self.norm_targets}
 
     def progress(self) -> dict[str, float | None]:
         """The latest rate and the fraction of the dense MACs the masks keep; None before any event."""
@@ -146,14 +153,14 @@ class Masker:
 
             save_self(run)  # the weights before the first mask: the run's own teacher
         masks, stats = self.coord.event(choose, hard=hard, zero_moments=self.p.zero_moments or hard,
-                                        previous=self.masks)
+                                        previous=self.masks, norm_targets=None if hard else self.norm_targets)
         self.masks = masks
         cost = _masked_cost(run, self.groups, masks)
         self.history.append({
             "epoch": run.state.epoch, "at": at if at is not None else run.state.epoch + 1.0,
             "global_step": run.state.global_step, "rate": rate, "hard": hard, "hash": stats["hash"],
             "rank_hashes": stats["rank_hashes"], "churn": stats["churn"], "seconds": stats["seconds"],
-            "regrowth": stats["regrowth"], **cost})
+            "regrowth": stats["regrowth"], "norm_scale": stats["norm_scale"], **cost})
         per_layer = {f"prune/kept/{k}": v for k, v in stats["kept_fraction"].items()}
         per_layer.update({f"prune/churn_by_group/{k}": v for k, v in stats["churn_per_group"].items()})
         per_layer.update({f"prune/regrowth_by_layer/{k}": v for k, v in stats["regrowth"].items()})
@@ -161,7 +168,8 @@ class Masker:
         run.logger.log({"epoch": run.state.epoch, "prune/rate": rate or 0.0, "prune/churn": stats["churn"] or 0.0,
                         "prune/regrowth": sum(grown) / len(grown) if grown else 0.0,
                         "prune/coordinator_seconds": stats["seconds"], "prune/macs": cost["macs"],
-                        "prune/params": cost["params"], **per_layer})
+                        "prune/params": cost["params"], **per_layer,
+                        **({"prune/norm_scale": stats["norm_scale"]} if stats["norm_scale"] is not None else {})})
 
 
 class SoftPruning(NoPruning):

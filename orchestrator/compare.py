@@ -230,18 +230,23 @@ def train_runs(todo: Sequence[PlannedRun], reports: dict, num_cpus: int | None,
 
 
 def runs_to_train(plan: Sequence[PlannedRun], reports: Mapping[tuple[str, int], Any],
-                  only: Sequence[str] | None = None, report_only: bool = False) -> list[PlannedRun]:
-    """The planned runs (of `only`, if given) that have no report yet; none with `report_only`."""
+                  only: Sequence[str] | None = None, report_only: bool = False,
+                  seeds: Sequence[int] | None = None) -> list[PlannedRun]:
+    """The planned runs (of `only` and `seeds`, if given) that have no report yet; none with
+    `report_only`."""
     if report_only:
         return []
-    return [p for p in plan if (not only or p.run in only) and reports.get((p.run, p.seed)) is None]
+    return [p for p in plan if (not only or p.run in only) and (not seeds or p.seed in seeds)
+            and reports.get((p.run, p.seed)) is None]
 
 
 def run_compare(spec: CompareSpec, plan: Sequence[PlannedRun], only: Sequence[str] | None = None,
                 num_cpus: int | None = None, report_only: bool = False, allow_config_change: bool = False,
-                verify_shards: bool = False, say: Callable[[str], None] | None = None) -> dict | None:
-    """Train what `plan` (restricted to `only`) still lacks, then aggregate every report of the
-    spec and write the comparison. Returns it, or None while no run has finished."""
+                verify_shards: bool = False, say: Callable[[str], None] | None = None,
+                seeds: Sequence[int] | None = None) -> dict | None:
+    """Train what `plan` (restricted to the runs `only` and the `seeds`) still lacks, then
+    aggregate every report of the spec and write the comparison. Returns it, or None while no
+    run has finished."""
     from .driver import read_report
     from .preflight import preflight
 
@@ -250,18 +255,20 @@ def run_compare(spec: CompareSpec, plan: Sequence[PlannedRun], only: Sequence[st
     if unknown:
         raise ValueError(f"--only: no run named {', '.join(map(repr, unknown))} in the spec "
                          f"(runs: {', '.join(spec.runs)})")
+    if set(seeds or ()) - set(spec.seeds):
+        raise ValueError(f"--seeds: {sorted(set(seeds) - set(spec.seeds))} not among the spec's seeds {spec.seeds}")
     reports = {(p.run, p.seed): read_report(p.output) for p in plan}
     for p in plan:
         if reports[(p.run, p.seed)] is not None:
             check_finished(p)
-    todo = runs_to_train(plan, reports, only, report_only)
+    todo = runs_to_train(plan, reports, only, report_only, seeds)
     for p in todo:  # every check before the first run starts: a bad input costs nothing
         try:
             preflight(p.cfg, allow_config_change=allow_config_change, verify_shards=verify_shards)
         except ValueError as exc:
             raise ValueError(f"{p.label}: {exc}") from None
     for p in plan:
-        if (not only or p.run in only) and reports[(p.run, p.seed)] is not None:
+        if (not only or p.run in only) and (not seeds or p.seed in seeds) and reports[(p.run, p.seed)] is not None:
             say(f"{p.label}: reused ({p.output}, {_finished_line(reports[(p.run, p.seed)])})")
     if todo:
         train_runs(todo, reports, num_cpus, say)

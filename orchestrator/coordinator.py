@@ -91,9 +91,9 @@ class Coordinator:
 
     # -- step 3: apply to module, master copy and moments ---------------------------------
     def apply(self, masks, tensors: dict[str, torch.Tensor] | None = None, hard: bool = False,
-              zero_moments: bool = False) -> None:
-        """Write the masked values into the module and the master copy. Every rank must call
-        this (the getters used for `tensors` and the moments are collective under ZeRO)."""
+              zero_moments: bool = False) -> dict[str, torch.Tensor]:
+        """Write the masked values into the module and the master copy; returns them. Every rank
+        must call this (the getters used for `tensors` and the moments are collective under ZeRO)."""
         from pruning import masked_tensors
 
         tensors = tensors if tensors is not None else self.full_tensors()
@@ -106,6 +106,7 @@ class Coordinator:
                     self._buffers[name].copy_(value.to(self._buffers[name].dtype))
         if zero_moments:
             self._zero_moments(masks, new)
+        return new
 
     def _zero_moments(self, masks, new: dict) -> None:
         """Zero the optimiser moments where the mask zeroed weights (the same rows). Under ZeRO
@@ -118,6 +119,36 @@ class Coordinator:
                        and (m := self.master.moment(self._params[n], key)) is not None}
             for name, value in masked_tensors(self.groups, masks, moments, hard=True).items():
                 self.master.set_moment(self._params[name], key, value)
+
+    # -- step 3b: norm control (pruning/renorm.py) ------------------------------------------
+    def renormalise(self, masks, targets: dict[str, float],
+                    tensors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Scale the kept filters of masked convs to `targets` in the module, the master copy,
+        the BN running stats (local to each rank) and the moments; returns the factors. Every
+        rank computes the same factors from the same full tensors. Collective under ZeRO."""
+        from pruning.renorm import (
+            MOMENT_POWER,
+            renorm_factors,
+            rescaled_tensors,
+            scale_rows,
+        )
+
+        tensors = tensors if tensors is not None else self.full_tensors()
+        factors = renorm_factors(self.groups, masks, tensors, targets)
+        new = rescaled_tensors(self.groups, factors, {**tensors, **self._buffers})
+        with torch.no_grad():
+            for name, value in new.items():
+                if name in self._params:
+                    self.master.write(self._params[name], value)
+                else:
+                    self._buffers[name].copy_(value)
+        rows = {n: factors[n.rsplit(".", 1)[0]] for n in new if n in self._params}
+        for key in self.master.moment_keys():
+            for name, c in rows.items():
+                moment = self.master.moment(self._params[name], key)
+                if moment is not None and key in MOMENT_POWER:
+                    self.master.set_moment(self._params[name], key, scale_rows(moment, c, MOMENT_POWER[key]))
+        return factors
 
     # -- step 4: check what every rank holds ------------------------------------------------
     def held_state(self, masks, hard: bool) -> tuple[str, list[str]]:
@@ -161,14 +192,18 @@ class Coordinator:
 
     # -- the whole event ---------------------------------------------------------------
     def event(self, choose: Callable[[dict[str, torch.Tensor]], Any], hard: bool = False,
-              zero_moments: bool = False, previous=None) -> tuple[Any, dict[str, Any]]:
-        """Decide, broadcast, apply, verify; returns (masks, stats). Collective on every rank."""
+              zero_moments: bool = False, previous=None,
+              norm_targets: dict[str, float] | None = None) -> tuple[Any, dict[str, Any]]:
+        """Decide, broadcast, apply (then norm control, given `norm_targets`), verify; returns
+        (masks, stats). Collective on every rank."""
         from pruning import regrowth
+        from pruning.renorm import mean_factor
 
         start = time.perf_counter()
         masks, tensors = self.decide(choose)
         grown = regrowth(self.groups, previous, tensors) if previous is not None else {}  # before apply
-        self.apply(masks, tensors, hard=hard, zero_moments=zero_moments)
+        new = self.apply(masks, tensors, hard=hard, zero_moments=zero_moments)
+        factors = self.renormalise(masks, norm_targets, {**tensors, **new}) if norm_targets else {}
         held = self.verify(masks, hard)
         stats = {
             "hash": masks.hash(),
@@ -177,6 +212,7 @@ class Coordinator:
             "churn": float(masks.churn(previous)) if previous is not None else None,
             "churn_per_group": masks.churn_per_group(previous) if previous is not None else {},
             "regrowth": grown,  # of the previous event's pruned filters, since that event
+            "norm_scale": mean_factor(factors) if norm_targets else None,  # < 1: filters had grown
             "seconds": time.perf_counter() - start,
         }
         return masks, stats

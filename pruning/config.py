@@ -46,6 +46,10 @@ class PruningConfig(BaseModel, extra="forbid"):
     # straight back and the run ships a far worse model when events are few steps apart
     # (docs/design.md, "Momentum at mask events").
     zero_moments: bool = True
+    # Norm control at soft events (pruning/renorm.py): "init" scales every kept filter of a masked
+    # conv back to that conv's mean filter norm at the start of training, the function unchanged
+    # (BN follows). Regrowing filters otherwise ratchet the norms up and the effective LR down.
+    norm_control: Literal["none", "init"] = "none"
     freeze_epoch: int | None = None  # from this epoch on masks are frozen
     finetune_epochs: int = 0  # after a soft run: K epochs with frozen masks
     # Distillation while the masks are frozen (and while PFEC retrains): "self" (the run's weights
@@ -122,6 +126,9 @@ class PruningConfig(BaseModel, extra="forbid"):
                              f"(got policy={self.policy!r})")
         if self.teacher is not None and self.method == "none":
             raise ValueError("teacher is used while masks are frozen or PFEC retrains: set a pruning method")
+        if self.norm_control != "none" and self.method not in ("sfp", "asfp"):
+            raise ValueError(f"norm_control acts at soft mask events: set method sfp or asfp "
+                             f"(got method={self.method!r})")
         if self.every_steps is not None and self.every != 1:
             raise ValueError(f"set either every (epochs) or every_steps (optimizer steps), not both "
                              f"(got every={self.every}, every_steps={self.every_steps})")

@@ -146,6 +146,10 @@ def _worker(rank: int, port: int, stage: int, precision: str, out: str) -> None:
     GradientFreezer(engine.module, groups, masks)
     _steps(engine, 3, rank)
     result["frozen_after_steps"] = _pruned_max(engine, groups, masks, hard=True)
+    # 6. norm control through an event: kept filters to their targets in the master copy and
+    #    (after a step at lr 0 copies it back) the module, moments scaled by c, the eval function
+    #    of this rank's module unchanged.
+    result.update(_norm_control(stage, precision, rank))
     # 5. rank 0 fails while choosing: every rank gets its error, at once.
     def broken(tensors):
         raise ValueError("scores went NaN in layer1.0.conv1")
@@ -159,6 +163,47 @@ def _worker(rank: int, port: int, stage: int, precision: str, out: str) -> None:
     # DeepSpeed/gloo background threads sometimes abort during interpreter teardown ("terminate
     # called without an active exception"); the results are on disk, so leave without teardown.
     os._exit(0)
+
+
+def _norm_control(stage: int, precision: str, rank: int) -> dict:
+    from orchestrator.coordinator import Coordinator
+    from orchestrator.engine import set_lr
+    from pruning import build_groups, score, select
+    from pruning.renorm import layer_norms
+
+    engine = _engine(stage, precision, lr=0.1)
+    _steps(engine, 2, rank)
+    groups = build_groups(engine.module, policy="sfp")
+    coord = Coordinator(engine.module, groups, engine)
+    targets = {c: 0.5 * v for c, v in layer_norms(groups, coord.full_tensors()).items()}
+    masks, _ = coord.event(lambda t: select(groups, score(groups, t, "l2"), 0.4), zero_moments=True)
+    p = next(engine.module.parameters())
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(7)).to(p.device, p.dtype)
+    with torch.no_grad():
+        before = engine.module.eval()(x).float()
+    name, conv = "layer1.0.conv1.weight", "layer1.0.conv1"
+    weight = coord._params[name]
+    row_norm = coord.full_tensors()[name].flatten(1).norm(dim=1)
+    moment = coord.master.moment(weight, "momentum_buffer").flatten(1).norm(dim=1)
+    _, stats = coord.event(lambda t: masks, zero_moments=True, previous=masks, norm_targets=targets)
+    with torch.no_grad():
+        after = engine.module.eval()(x).float()
+    engine.module.train()
+    keep = masks.keep[conv]
+    c = coord.master.moment(weight, "momentum_buffer").flatten(1).norm(dim=1)[keep] / moment[keep]
+    full = coord.full_tensors()
+    set_lr(engine, 0.0)
+    _steps(engine, 1, rank)  # the module gets the master copy's values back where one exists
+    out = {"renorm_scale": stats["norm_scale"],
+           "renorm_eval_diff": float((after - before).abs().max() / before.abs().max()),
+           "renorm_moment_error": float((c / (targets[conv] / row_norm[keep]) - 1).abs().max())}
+    for where, tensors in (("master", full), ("module", dict(engine.module.named_parameters()))):
+        errors = []
+        for g, k in masks.keep.items():
+            norms = tensors[f"{g}.weight"].detach().float().flatten(1).norm(dim=1)[k]
+            errors.append(float((norms / targets[g] - 1).abs().max()))
+        out[f"renorm_norm_error_{where}"] = max(errors)
+    return out
 
 
 @pytest.mark.timeout(300)
@@ -177,6 +222,11 @@ def test_masks_survive_steps_under_zero(stage, precision, tmp_path):
         assert "ValueError: scores went NaN in layer1.0.conv1" in res["rank0_failure"], res["rank0_failure"]
         assert res["rank0_failure"].startswith("rank 0 failed during mask selection")
         assert res["rank0_failure_seconds"] < 10, res["rank0_failure_seconds"]
+        tol = 1e-4 if precision == "fp32" else 2e-2  # bf16 module copies: 8 bits of mantissa
+        assert 0.3 < res["renorm_scale"] < 0.7, res  # targets were half the norms: factors ~0.5
+        assert res["renorm_norm_error_master"] < 1e-4 and res["renorm_norm_error_module"] < tol, res
+        assert res["renorm_moment_error"] < 1e-4, res
+        assert res["renorm_eval_diff"] < (1e-3 if precision == "fp32" else 5e-2), res
     if separate_master:  # the master copy really does undo module-only edits: the tests above can fail
         assert not results[0]["module_only_edit_kept"]
         holder = results[1]["corrupted_master"]

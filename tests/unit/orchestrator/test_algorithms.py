@@ -162,3 +162,24 @@ def test_distillation_from_the_runs_own_weights_and_from_a_finished_run(world_of
     got = dict(pfec.algorithm._inner._teacher.model.named_parameters())
     for name, value in dense.model.named_parameters():
         assert torch.equal(got[name].float().cpu(), value.detach().float().cpu()), name
+
+
+def test_norm_control_records_its_targets_at_the_start_and_rescales_at_soft_events(world_of_one, shards,
+                                                                                     tmp_path, monkeypatch):
+    """`pruning.norm_control=init`: the targets are the masked convs' filter norms before any
+    training, kept in the algorithm's state; every soft event rescales (its factor is in the
+    history), hard events do not."""
+    from pruning import groups_from_config
+
+    cfg, run, _ = _run({"epochs": 3, "pruning.method": "sfp", "pruning.rate": 0.4, "pruning.norm_control": "init",
+                        "pruning.freeze_epoch": 2, "pruning.recalibrate_batches": 1,
+                        "pruning.compact_at_freeze": False, "optim.lr": 0.5}, shards, tmp_path, monkeypatch)
+    saved = run.algorithm.state_dict()
+    targets = saved["norm_targets"]
+    assert set(targets) == set(groups_from_config(run.model, cfg.pruning).convs())
+    assert all(t > 0 for t in targets.values())
+    soft = [e for e in saved["history"] if not e["hard"]]
+    hard = [e for e in saved["history"] if e["hard"]]
+    assert len(soft) == 2 and hard
+    assert all(e["norm_scale"] is not None and e["norm_scale"] != 1.0 for e in soft)
+    assert all(e["norm_scale"] is None for e in hard)

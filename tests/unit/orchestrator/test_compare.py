@@ -230,6 +230,8 @@ def test_cli_reports_a_bad_spec_in_one_line(tmp_path, capsys):
     assert len(err) == 1 and "run 'dense' (seed 0): invalid config: pruning.rate" in err[0]
     assert main(["compare", str(spec), "--only", "pfec"]) == 2
     assert "--only: no run named 'pfec'" in capsys.readouterr().err
+    assert main(["compare", str(spec), "--seeds", "5"]) == 2
+    assert "--seeds: [5] not among the spec's seeds [0, 1]" in capsys.readouterr().err
 
 
 # -- plots -------------------------------------------------------------------------------------------
@@ -286,6 +288,8 @@ def test_runs_to_train_skips_finished_runs_and_honours_only(tmp_path):
     assert [(p.run, p.seed) for p in runs_to_train(plan, reports)] == [("dense", 1), ("sfp", 0)]
     assert [(p.run, p.seed) for p in runs_to_train(plan, reports, only=["sfp"])] == [("sfp", 0)]
     assert runs_to_train(plan, reports, report_only=True) == []
+    assert [(p.run, p.seed) for p in runs_to_train(plan, reports, seeds=[1])] == [("dense", 1)]
+    assert runs_to_train(plan, reports, only=["sfp"], seeds=[1]) == []
 
 
 def test_finished_runs_on_disk_are_reused_without_ray(tmp_path, monkeypatch):

@@ -53,3 +53,10 @@ def test_step_counted_events_are_validated(fields, words):
 def test_moments_of_pruned_filters_are_zeroed_by_default():
     # the authors' code leaves them (zero_moments=false); see docs/design.md for why we differ
     assert PruningConfig(method="sfp").zero_moments is True
+
+
+@pytest.mark.parametrize("method", ["none", "pfec"])
+def test_norm_control_needs_soft_events(method):
+    with pytest.raises(ValueError, match="norm_control acts at soft mask events"):
+        PruningConfig(method=method, norm_control="init")
+    assert PruningConfig(method="asfp", norm_control="init").norm_control == "init"
