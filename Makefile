@@ -5,7 +5,7 @@ export PIP_CACHE_DIR := $(CURDIR)/.cache/pip
 # The Python entry points (launch scripts, tests, benchmarks) point the other caches, temp dirs and
 # wandb files into .cache/ themselves: orchestrator/env.py.
 
-.PHONY: setup test smoke clean
+.PHONY: setup test drills smoke clean
 
 # The torch pin goes first so nothing can resolve a CUDA build; editable "compat" mode puts the
 # repo root on sys.path, so packages added later import without reinstalling.
@@ -19,6 +19,10 @@ setup: $(VENV)/.installed
 
 test: setup
 	$(VENV)/bin/python -m pytest
+
+# the long fault drills (preemption, driver kill, torn checkpoint, lost node): about 5 minutes
+drills: setup
+	$(VENV)/bin/python -m pytest -m drill tests/integration/test_preemption_drills.py
 
 smoke: setup
 	$(VENV)/bin/python launch/r101_asfp.py --smoke

@@ -4,6 +4,9 @@ undisturbed run), the launcher killed and run again (same run, same wandb id), a
 through writing a checkpoint (the previous one is used), and an elastic group that loses a node
 (it goes on with fewer workers and records the change). The drills live in
 benchmarks/drill_preemption.py, which also prints them as a table.
+
+The default suite runs the reclaim drill only (about 2 minutes); the other three carry the
+`drill` marker and run with `make drills` (`pytest -m drill`), as the soak drills do.
 """
 
 from __future__ import annotations
@@ -20,15 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import drill_preemption as drills  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def outcomes(tmp_path_factory):
-    work = tmp_path_factory.mktemp("drills")
-    return {o.drill: o for o in drills.run_drills(work)}
-
-
-@pytest.mark.parametrize("name", ["reclaim", "driver", "torn-checkpoint", "shrink"])
-def test_drill(outcomes, name):
-    outcome = outcomes[name]
+@pytest.mark.parametrize("name", ["reclaim", *(pytest.param(n, marks=pytest.mark.drill)
+                                                for n in ("driver", "torn-checkpoint", "shrink"))])
+def test_drill(name, tmp_path):
+    (outcome,) = drills.run_drills(tmp_path, [name])
     assert outcome.ok, f"{name}: {outcome.detail}"
     assert outcome.steps_lost is not None
     # A fault costs at most the work since the last checkpoint (one epoch here). A reclaim is
