@@ -57,9 +57,15 @@ def compact(model: nn.Module, groups: GroupSet, masks: MaskSet, mode: str = "har
         biases = _scatter_biases(meta, plan, rec)
     spec = _shape_spec(dense, meta, plan, const_input, scatter_bias=mode == "faithful")
     device = next(model.parameters()).device
-    new = _materialise(spec, device, sd, values, extras, plan, biases)
+    if meta.family == "traced":  # not a registry model: rebuilt from its own fx graph
+        from .fx_rebuild import rebuild
+
+        new = rebuild(model, spec, device, sd, values, extras, plan, biases)
+        out_spec = {k: v for k, v in spec.items() if v or k in ("model", "num_classes", "channels")}
+    else:
+        new = _materialise(spec, device, sd, values, extras, plan, biases)
+        out_spec = arch_spec(new)
     new.train(model.training)
-    out_spec = arch_spec(new)
     out_spec.update(input_size=size, compact_mode=mode, policy=groups.policy,
                     kept={c: plan.out_keep[c].tolist() for c in meta.convs})
     return new, out_spec
@@ -164,7 +170,8 @@ def _record_constants(model, groups, masks, plan: Plan, size) -> dict[str, Tenso
 
 
 def _at_origin(x: Tensor) -> Tensor:
-    return x[0, :, 0, 0] if x.dim() == 4 else x[0]
+    # A copy, not a view: the model may change the tensor in place later (`out += identity`).
+    return (x[0, :, 0, 0] if x.dim() == 4 else x[0]).clone()
 
 
 def _fold(meta, modules, sd, plan: Plan, rec, values, extras) -> list[str]:

@@ -14,6 +14,7 @@ import json
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from models import arch_spec, build_from_spec
 
@@ -28,6 +29,11 @@ def _layer_shapes(spec_json: str, size: tuple[int, int]) -> dict[str, tuple]:
     """name -> (kind, output spatial elements, weight shape, bias?) of every conv and linear."""
     with torch.device("meta"):
         model = build_from_spec(json.loads(spec_json)).eval()
+    return _shapes(model, size, {})
+
+
+def _shapes(model: nn.Module, size: tuple[int, int], state: dict) -> dict[str, tuple]:
+    """One meta-device forward of `model` (with `state` swapped in) recording layer shapes."""
     shapes: dict[str, tuple] = {}
 
     def hook(name):
@@ -38,11 +44,21 @@ def _layer_shapes(spec_json: str, size: tuple[int, int]) -> dict[str, tuple]:
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
                if isinstance(m, (nn.Conv2d, nn.Linear))]
-    with torch.no_grad():
-        model(torch.zeros(1, 3, *size, device="meta"))
-    for h in handles:
-        h.remove()
+    try:
+        with torch.no_grad():
+            functional_call(model, state, (torch.zeros(1, 3, *size, device="meta"),))
+    finally:
+        for h in handles:
+            h.remove()
     return shapes
+
+
+def _traced_shapes(model: nn.Module, size: tuple[int, int]) -> dict[str, tuple]:
+    """A traced model is not in the registry: run the model itself, its tensors swapped for
+    empty ones on the meta device (running statistics stay untouched)."""
+    state = {n: torch.empty_like(t, device="meta") for n, t in
+             [*model.named_parameters(), *model.named_buffers()]}
+    return _shapes(model, size, state)
 
 
 def masked_cost(model: nn.Module, groups: GroupSet, masks: MaskSet, input_size=None,
@@ -53,7 +69,10 @@ def masked_cost(model: nn.Module, groups: GroupSet, masks: MaskSet, input_size=N
         raise ValueError(f"mode must be 'hard' or 'faithful', got {mode!r}")
     meta = model.softprune_meta
     size = hw(input_size or meta.input_size)
-    shapes = _layer_shapes(json.dumps(arch_spec(model), sort_keys=True), size)
+    if meta.family == "traced":
+        shapes = _traced_shapes(model, size)
+    else:
+        shapes = _layer_shapes(json.dumps(arch_spec(model), sort_keys=True), size)
     plan = make_plan(model, groups, masks)
     modules = dict(model.named_modules())
     conv_macs = linear_macs = 0

@@ -1,8 +1,9 @@
 """Channel groups: which (conv, output channel) slots are kept or removed together.
 
-Derived from the dataflow that each model family declares (`model.softprune_meta`), never from
-parameter indices. A group has `size` slots; each member conv maps its output channels onto
-slots (`Member.slot`, None when channel i is slot i). Policies:
+Derived from the dataflow that each model family declares (`model.softprune_meta`) or that
+pruning/trace.py reads off the model's fx graph, never from parameter indices. A group has `size`
+slots; each member conv maps its output channels onto slots (`Member.slot`, None when channel i
+is slot i). Policies:
 
 - `sfp`: every conv except projection-downsample convs is its own group (CIFAR option-A models
   have none, so every conv). Stream producers stay full width at compaction (scatter).
@@ -96,15 +97,17 @@ def tensor_names(member: Member, hard: bool) -> list[str]:
 
 
 def build_groups(model: nn.Module, policy: str = "sfp", include: Sequence[str] = (),
-                 exclude: Sequence[str] = (), preset: str | None = None) -> GroupSet:
+                 exclude: Sequence[str] = (), preset: str | None = None,
+                 example_inputs=None) -> GroupSet:
     """Derive the channel groups of `model` under `policy`, filtered by fnmatch patterns on conv
     names (a group is dropped if any of its convs matches `exclude`; with `include`, kept only if
-    one matches) or restricted to a PFEC `preset` (which also fixes each group's rate)."""
+    one matches) or restricted to a PFEC `preset` (which also fixes each group's rate).
+
+    The dataflow is the model's declared `softprune_meta`, else traced from `example_inputs`
+    (see pruning/trace.py); with both, the declared meta is checked against the trace."""
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-    meta = getattr(model, "softprune_meta", None)
-    if meta is None:
-        raise ValueError(f"{type(model).__name__} is not a softprune model (no softprune_meta)")
+    meta = model_meta(model, example_inputs)
     modules = dict(model.named_modules())
     groups = _policy_groups(meta, modules, policy)
     if preset is not None:
@@ -113,6 +116,26 @@ def build_groups(model: nn.Module, policy: str = "sfp", include: Sequence[str] =
         groups = _apply_preset(meta, groups, policy, preset)
     groups = [g for g in groups if _selected(g, include, exclude)]
     return GroupSet(meta.name, policy, groups)
+
+
+def model_meta(model: nn.Module, example_inputs=None):
+    """The declared `softprune_meta` (checked against a trace when `example_inputs` is given),
+    else the traced one."""
+    from .trace import compare_meta, trace_meta
+
+    meta = getattr(model, "softprune_meta", None)
+    if example_inputs is None:
+        if meta is None:
+            raise ValueError(f"{type(model).__name__} has no softprune_meta: pass example_inputs "
+                             "(e.g. torch.zeros(1, 3, 32, 32)) so that its dataflow can be traced")
+        return meta
+    traced = trace_meta(model, example_inputs)
+    if meta is None:
+        return traced
+    diff = compare_meta(meta, traced)
+    if diff is not None:
+        raise ValueError(f"{type(model).__name__}.softprune_meta disagrees with the traced model: {diff}")
+    return meta
 
 
 def _member(meta, modules, conv: str, slot: Tensor | None = None) -> Member:
