@@ -49,7 +49,10 @@ class PruningConfig(BaseModel, extra="forbid"):
     # Norm control at soft events (pruning/renorm.py): "init" scales every kept filter of a masked
     # conv back to that conv's mean filter norm at the start of training, the function unchanged
     # (BN follows). Regrowing filters otherwise ratchet the norms up and the effective LR down.
-    norm_control: Literal["none", "init"] = "none"
+    # Default (None): "init" for sfp/asfp, "none" otherwise. The authors' code has none.
+    norm_control: Literal["none", "init"] | None = None
+    # The SFP/ASFP authors' semantics in one flag: zero_moments=false, norm_control=none.
+    authors: bool = False
     freeze_epoch: int | None = None  # from this epoch on masks are frozen
     finetune_epochs: int = 0  # after a soft run: K epochs with frozen masks
     # Distillation while the masks are frozen (and while PFEC retrains): "self" (the run's weights
@@ -126,6 +129,17 @@ class PruningConfig(BaseModel, extra="forbid"):
                              f"(got policy={self.policy!r})")
         if self.teacher is not None and self.method == "none":
             raise ValueError("teacher is used while masks are frozen or PFEC retrains: set a pruning method")
+        if self.authors:
+            if self.method not in ("sfp", "asfp"):
+                raise ValueError(f"authors=true selects the SFP/ASFP authors' semantics: set method sfp "
+                                 f"or asfp (got method={self.method!r})")
+            if "zero_moments" in self.model_fields_set and self.zero_moments:
+                raise ValueError("authors=true keeps the pruned filters' moments: drop zero_moments=true")
+            if self.norm_control == "init":
+                raise ValueError("authors=true has no norm control: drop norm_control=init")
+            self.zero_moments, self.norm_control = False, "none"
+        if self.norm_control is None:
+            self.norm_control = "init" if self.method in ("sfp", "asfp") else "none"
         if self.norm_control != "none" and self.method not in ("sfp", "asfp"):
             raise ValueError(f"norm_control acts at soft mask events: set method sfp or asfp "
                              f"(got method={self.method!r})")

@@ -60,3 +60,22 @@ def test_norm_control_needs_soft_events(method):
     with pytest.raises(ValueError, match="norm_control acts at soft mask events"):
         PruningConfig(method=method, norm_control="init")
     assert PruningConfig(method="asfp", norm_control="init").norm_control == "init"
+
+
+def test_norm_control_is_on_for_soft_methods_by_default_and_authors_turns_it_off():
+    assert PruningConfig(method="sfp").norm_control == "init"
+    assert PruningConfig(method="asfp").norm_control == "init"
+    assert PruningConfig(method="pfec").norm_control == "none" and PruningConfig().norm_control == "none"
+    authors = PruningConfig(method="asfp", authors=True)
+    assert (authors.zero_moments, authors.norm_control) == (False, "none")
+    assert PruningConfig.model_validate(authors.model_dump()) == authors  # a saved config reads back
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"method": "pfec", "authors": True}, "authors=true selects the SFP/ASFP authors' semantics"),
+    ({"method": "sfp", "authors": True, "zero_moments": True}, "drop zero_moments=true"),
+    ({"method": "sfp", "authors": True, "norm_control": "init"}, "drop norm_control=init"),
+])
+def test_authors_flag_refuses_contradictions(fields, words):
+    with pytest.raises(ValueError, match=words):
+        PruningConfig(**fields)
