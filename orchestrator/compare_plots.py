@@ -14,6 +14,8 @@ from .plots import _pyplot
 def _colours(runs: Mapping[str, Any]) -> dict[str, Any]:
     plt = _pyplot()
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if len(runs) > len(cycle):  # the default cycle has 10: past that, 20 distinct ones
+        cycle = [plt.get_cmap("tab20")(i) for i in range(20)]
     return {run: cycle[i % len(cycle)] for i, run in enumerate(runs)}
 
 
