@@ -2,9 +2,11 @@
 
 1. steps/s of the Ray Train + DeepSpeed 2-worker loop against a bare torchrun DDP loop with the
    same model, batch, threads and in-memory batches (so only the framework differs); target >= 0.9;
-2. the pruning coordinator's time per event (gather full fp32 weights, score on rank 0, broadcast,
-   hash check, apply to module + ZeRO master) for ResNet-101 with 2 ranks at ZeRO-2, as a fraction
-   of one training step of the same engine.
+2. the pruning coordinator's time per event (per-filter norms from the ZeRO fragments in one
+   all-reduce, score on rank 0, broadcast, local apply to module + ZeRO master + moments, digest
+   check) for ResNet-101 with 2 ranks at ZeRO-2, as a fraction of one training step of the same
+   engine. benchmarks/bench_coordinator.py compares it with the previous gather path and counts
+   the bytes each puts on the wire.
 
     python benchmarks/bench_overhead.py [--model resnet20 --size 32 --batch 32 --steps 30]
 
@@ -116,7 +118,7 @@ def ray_worker(loop_config: dict) -> None:
     step_rate = _time_steps(stepper(big), batches, a["coord_steps"], 1)
     groups = build_groups(big.module, policy="sfp")
     coord = Coordinator(big.module, groups, big)
-    choose = lambda t: select(groups, score(groups, t, "l2"), 0.3)  # noqa: E731  (rank 0 only)
+    choose = lambda t: select(groups, score(groups, t, "l2"), 0.3)  # rank 0 only
     times = []
     for _ in range(a["events"]):
         times.append(coord.event(choose, hard=False, zero_moments=True)[1]["seconds"])

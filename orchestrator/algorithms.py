@@ -110,7 +110,7 @@ class Masker:
         self.p = cfg.pruning
         groups = groups_from_config(run.model, cfg.pruning)
         self._choose = make_chooser(groups, cfg.pruning)
-        self.coord = Coordinator(run.model, groups, run.engine)
+        self.coord = Coordinator(run.model, groups, run.engine, criterion=cfg.pruning.criterion)
         self.groups = groups
         state = state or {}
         self.masks = MaskSet.from_state(state["masks"]) if state.get("masks") is not None else None

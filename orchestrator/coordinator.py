@@ -1,16 +1,26 @@
 """The pruning coordinator: rank 0 decides the masks, every rank applies the same masks.
 
 Protocol of one pruning event (docs/design.md):
-1. every rank reads the full fp32 tensors the groups touch (a collective under ZeRO); rank 0
-   scores them, applies the rate and builds the masks. An exception there reaches every rank
-   at once as the same error (`collectives.run_on_rank`), instead of leaving them in a broadcast;
+1. every rank sums per-filter partial norms (|x| or x^2) over the fp32 master pieces it owns,
+   and ONE all-reduce of a flat vector of all convs' partial sums gives every rank the exact
+   per-filter norms (nothing travels at stage 0, where every rank holds whole masters). Rank 0
+   scores them (`pruning.FilterScores`), applies the rate and builds the masks. FPGM needs whole
+   filters: for it the conv weights are gathered (a collective per conv under ZeRO). An exception
+   on rank 0 reaches every rank at once as the same error (`collectives.run_on_rank`), instead of
+   leaving them in a broadcast;
 2. rank 0 broadcasts the bit-packed masks; every rank unpacks them;
-3. every rank writes the masked tensors into the module AND DeepSpeed's fp32 master copy (and
-   optionally the optimiser moments) through `MasterCopy`, so the zeros survive the next `step()`;
+3. every rank zeroes the pruned rows in the module (a full replica) and in the pieces of
+   DeepSpeed's fp32 master copy it owns (and optionally of the optimiser moments), through
+   `MasterCopy.own_pieces`, so the zeros survive the next `step()`; norm control scales the kept
+   rows the same way, with factors from the same reduced norms. No full tensor is gathered or set;
 4. every rank checks what it actually holds afterwards (`verify`): each pruned row must be zero
    in the module and in the master pieces this rank owns, and a digest of the zero rows it holds
    is compared across ranks. A rank whose apply went wrong is named in the error;
 5. mask statistics (kept fraction per layer, churn, effective cost) go back to the caller.
+
+`Coordinator(..., gather=True)` runs the previous protocol instead (full fp32 tensors gathered in
+step 1 and written back in step 3): kept to check the partial-sum path against, and for the
+benchmark (benchmarks/bench_coordinator.py).
 
 Masks never depend on rank-local arithmetic: only rank 0's decision travels.
 """
@@ -25,8 +35,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .collectives import RankDisagreement, gather_to_all, run_on_rank
-from .master import MasterCopy
+from .collectives import RankDisagreement, all_reduce_sum, gather_to_all, run_on_rank
+from .master import MasterCopy, row_sums, scale_rows_, zero_rows
+
+NORM_POWER = {"l1": 1, "l2": 2}  # criterion -> the power of |x| its per-filter norm sums
 
 
 class MaskMismatchError(RankDisagreement):
@@ -58,42 +70,111 @@ def _rows_touched(flags: torch.Tensor, start: int, per_row: int, rows: int) -> t
 
 
 class Coordinator:
-    """Owns the channel groups of one model (or engine) and runs pruning events on it."""
+    """Owns the channel groups of one model (or engine) and runs pruning events on it.
 
-    def __init__(self, model: nn.Module, groups, engine=None):
+    `criterion` is what the chooser scores with: `choose` gets that criterion's `FilterScores`
+    (per-filter norms for l1/l2) or, for fpgm, the full conv weights. `gather=True`: the previous
+    protocol, `choose` gets the full fp32 tensors and they are written back whole."""
+
+    def __init__(self, model: nn.Module, groups, engine=None, criterion: str = "l2", gather: bool = False):
+        from pruning.config import CRITERIA
+
+        if criterion not in CRITERIA:
+            raise ValueError(f"Coordinator: criterion must be one of {CRITERIA}, got {criterion!r}")
         self.model = model  # the plain module (engine.module under DeepSpeed)
         self.groups = groups
+        self.criterion = criterion
+        self.gather = gather
         self.master = MasterCopy(engine)
         self.names = list(groups.param_names())
         self._params = dict(model.named_parameters())
         self._buffers = dict(model.named_buffers())
 
-    # -- step 1: full fp32 tensors ------------------------------------------------------
-    def full_tensors(self) -> dict[str, torch.Tensor]:
-        """Full fp32 values of every touched tensor. Collective under ZeRO 1/2: all ranks call it."""
+    # -- step 1: full fp32 tensors (gather path, FPGM) ------------------------------------
+    def full_tensors(self, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Full fp32 values of every touched tensor (or of `names`). Collective under ZeRO 1/2
+        (one all-reduce of the whole tensor per parameter): all ranks call it."""
         out = {}
-        for name in self.names:
+        for name in self.names if names is None else names:
             if name in self._params:
                 out[name] = self.master.full(self._params[name])
             else:
                 out[name] = self._buffers[name].detach().float().cpu().clone()
         return out
 
+    # -- step 1: per-filter norms, one all-reduce -----------------------------------------
+    def filter_norms(self, kinds: tuple[str, ...] = ("l2",)) -> dict[str, dict[str, torch.Tensor]]:
+        """kind ("l1"/"l2") -> conv -> (out_channels,) fp32 CPU filter norms of the fp32 master.
+        Under ZeRO 1/2 each rank sums over the pieces it owns and one all-reduce of one flat
+        vector (kinds x filters floats) completes them; at stage 0 nothing travels. Every rank
+        gets the same values. Collective under ZeRO 1/2: all ranks call it."""
+        parts: dict[bool, list[tuple[str, str, torch.Tensor]]] = {True: [], False: []}  # partitioned?
+        for kind in kinds:
+            for conv in self.groups.convs():
+                p = self._params[f"{conv}.weight"]
+                rows, per_row = p.shape[0], p.numel() // p.shape[0]
+                sums = torch.zeros(rows, device=p.device)
+                for start, piece in self.master.own_pieces(p):
+                    sums += row_sums(piece, start, per_row, rows, NORM_POWER[kind]).to(p.device)
+                parts[self.master.partitioned(p)].append((kind, conv, sums))
+        norms: dict[str, dict[str, torch.Tensor]] = {kind: {} for kind in kinds}
+        for reduce, entries in parts.items():
+            if not entries:
+                continue
+            flat = torch.cat([s for _, _, s in entries]).cpu()  # one copy back from the device
+            if reduce:  # sync point: the one collective of this step (stage 0: none)
+                flat = all_reduce_sum(flat)
+            for (kind, conv, _), sums in zip(entries, flat.split([len(s) for _, _, s in entries])):
+                norms[kind][conv] = sums.sqrt() if kind == "l2" else sums
+        return norms
+
+    def choice_inputs(self, norms: dict[str, dict[str, torch.Tensor]] | None = None):
+        """What `choose` gets: full tensors (gather path), the full conv weights (fpgm), or the
+        criterion's `FilterScores` (from `norms` when given). Collective under ZeRO 1/2."""
+        from pruning.importance import FilterScores
+
+        if self.gather:
+            return self.full_tensors()
+        if self.criterion not in NORM_POWER:  # fpgm needs whole filters
+            return self.full_tensors([f"{conv}.weight" for conv in self.groups.convs()])
+        norms = norms if norms is not None and self.criterion in norms else self.filter_norms((self.criterion,))
+        return FilterScores(self.criterion, norms[self.criterion])
+
     # -- steps 1-2: decide on rank 0, broadcast ---------------------------------------------
-    def decide(self, choose: Callable[[dict[str, torch.Tensor]], Any]):
-        """Rank 0 runs `choose(full_tensors) -> MaskSet`; every rank gets the same MaskSet back
-        (or rank 0's exception as `RankFailure`). Returns (masks, tensors)."""
+    def decide(self, choose: Callable[[Any], Any], norms=None):
+        """Rank 0 runs `choose(inputs) -> MaskSet` (`choice_inputs`); every rank gets the same
+        MaskSet back (or rank 0's exception as `RankFailure`). Returns (masks, inputs)."""
         from pruning import MaskSet
 
-        tensors = self.full_tensors()
-        data = run_on_rank(lambda: choose(tensors).pack(), src=0, what="mask selection")  # sync point
-        return MaskSet.unpack(data, self.groups), tensors
+        inputs = self.choice_inputs(norms)
+        data = run_on_rank(lambda: choose(inputs).pack(), src=0, what="mask selection")  # sync point
+        return MaskSet.unpack(data, self.groups), inputs
 
     # -- step 3: apply to module, master copy and moments ---------------------------------
     def apply(self, masks, tensors: dict[str, torch.Tensor] | None = None, hard: bool = False,
-              zero_moments: bool = False) -> dict[str, torch.Tensor]:
-        """Write the masked values into the module and the master copy; returns them. Every rank
-        must call this (the getters used for `tensors` and the moments are collective under ZeRO)."""
+              zero_moments: bool = False) -> None:
+        """Zero the pruned rows in the module, the master copy (and the moments). Local: each
+        rank edits the pieces it owns. With `tensors` (or `gather=True`): the previous protocol,
+        masked full tensors written back (collective under ZeRO 1/2)."""
+        if tensors is not None or self.gather:
+            self._apply_gathered(masks, tensors, hard, zero_moments)
+            return
+        keys = self.master.moment_keys() if zero_moments else []
+        with torch.no_grad():
+            for name, drop in dropped_rows(self.groups, masks, hard).items():
+                rows = torch.nonzero(drop).flatten()
+                if name not in self._params:
+                    self._buffers[name].index_fill_(0, rows.to(self._buffers[name].device), 0)
+                    continue
+                p = self._params[name]
+                if not self.master.module_is_master(p):
+                    p.data.index_fill_(0, rows.to(p.device), 0)  # the module is a full replica
+                per_row = p.numel() // p.shape[0]
+                for key in [None, *keys]:
+                    for start, piece in self.master.own_pieces(p, key):
+                        zero_rows(piece, start, per_row, drop)
+
+    def _apply_gathered(self, masks, tensors, hard: bool, zero_moments: bool) -> dict[str, torch.Tensor]:
         from pruning import masked_tensors
 
         tensors = tensors if tensors is not None else self.full_tensors()
@@ -121,11 +202,40 @@ class Coordinator:
                 self.master.set_moment(self._params[name], key, value)
 
     # -- step 3b: norm control (pruning/renorm.py) ------------------------------------------
-    def renormalise(self, masks, targets: dict[str, float],
-                    tensors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def renormalise(self, masks, targets: dict[str, float], tensors: dict[str, torch.Tensor] | None = None,
+                    norms: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Scale the kept filters of masked convs to `targets` in the module, the master copy,
         the BN running stats (local to each rank) and the moments; returns the factors. Every
-        rank computes the same factors from the same full tensors. Collective under ZeRO."""
+        rank computes the same factors from the same reduced L2 filter `norms` (conv -> vector;
+        computed here when not given: one all-reduce under ZeRO) and scales its own pieces.
+        With `tensors` (or `gather=True`): the previous protocol on full tensors."""
+        if tensors is not None or self.gather:
+            return self._renormalise_gathered(masks, targets, tensors)
+        from pruning.renorm import MOMENT_POWER, factors_from_norms, scale_rows
+
+        norms = norms if norms is not None else self.filter_norms(("l2",))["l2"]
+        factors = factors_from_norms(self.groups, masks, norms, targets)
+        keys = [k for k in self.master.moment_keys() if k in MOMENT_POWER]
+        with torch.no_grad():
+            for conv, c in factors.items():
+                bn = self.groups.member_of[conv][1].bn
+                for name in (f"{bn}.running_mean", f"{bn}.running_var"):
+                    if name in self._buffers:  # local to each rank
+                        buf = self._buffers[name]
+                        buf.copy_(scale_rows(buf, c, 2 if name.endswith("var") else 1))
+                for name in (f"{conv}.weight", f"{conv}.bias"):
+                    if name not in self._params:
+                        continue
+                    p = self._params[name]
+                    if not self.master.module_is_master(p):
+                        p.data.copy_(scale_rows(p.data, c))
+                    per_row = p.numel() // p.shape[0]
+                    for key in [None, *keys]:
+                        for start, piece in self.master.own_pieces(p, key):
+                            scale_rows_(piece, start, per_row, c, 1 if key is None else MOMENT_POWER[key])
+        return factors
+
+    def _renormalise_gathered(self, masks, targets, tensors) -> dict[str, torch.Tensor]:
         from pruning.renorm import (
             MOMENT_POWER,
             renorm_factors,
@@ -191,19 +301,18 @@ class Coordinator:
         return digests
 
     # -- the whole event ---------------------------------------------------------------
-    def event(self, choose: Callable[[dict[str, torch.Tensor]], Any], hard: bool = False,
+    def event(self, choose: Callable[[Any], Any], hard: bool = False,
               zero_moments: bool = False, previous=None,
               norm_targets: dict[str, float] | None = None) -> tuple[Any, dict[str, Any]]:
         """Decide, broadcast, apply (then norm control, given `norm_targets`), verify; returns
         (masks, stats). Collective on every rank."""
-        from pruning import regrowth
         from pruning.renorm import mean_factor
 
         start = time.perf_counter()
-        masks, tensors = self.decide(choose)
-        grown = regrowth(self.groups, previous, tensors) if previous is not None else {}  # before apply
-        new = self.apply(masks, tensors, hard=hard, zero_moments=zero_moments)
-        factors = self.renormalise(masks, norm_targets, {**tensors, **new}) if norm_targets else {}
+        if self.gather:
+            masks, grown, factors = self._event_gathered(choose, hard, zero_moments, previous, norm_targets)
+        else:
+            masks, grown, factors = self._event_local(choose, hard, zero_moments, previous, norm_targets)
         held = self.verify(masks, hard)
         stats = {
             "hash": masks.hash(),
@@ -216,6 +325,32 @@ class Coordinator:
             "seconds": time.perf_counter() - start,
         }
         return masks, stats
+
+    def _event_local(self, choose, hard, zero_moments, previous, norm_targets):
+        """Per-filter norms (one all-reduce), rank 0's masks (one broadcast), local row edits.
+        The L2 norms taken before the apply serve regrowth and norm control too: the apply only
+        zeroes pruned rows, and those get factor 1 whatever their norm."""
+        from pruning.apply import regrowth_from_norms
+
+        kinds = tuple(dict.fromkeys(
+            ([self.criterion] if self.criterion in NORM_POWER else [])
+            + (["l2"] if previous is not None or norm_targets else [])))
+        norms = self.filter_norms(kinds) if kinds else {}
+        masks, _ = self.decide(choose, norms)
+        grown = regrowth_from_norms(self.groups, previous, norms["l2"]) if previous is not None else {}
+        self.apply(masks, hard=hard, zero_moments=zero_moments)
+        factors = self.renormalise(masks, norm_targets, norms=norms["l2"]) if norm_targets else {}
+        return masks, grown, factors
+
+    def _event_gathered(self, choose, hard, zero_moments, previous, norm_targets):
+        """The previous protocol: full tensors gathered, scored, masked and written back whole."""
+        from pruning import regrowth
+
+        masks, tensors = self.decide(choose)
+        grown = regrowth(self.groups, previous, tensors) if previous is not None else {}  # before apply
+        new = self._apply_gathered(masks, tensors, hard, zero_moments)
+        factors = self._renormalise_gathered(masks, norm_targets, {**tensors, **new}) if norm_targets else {}
+        return masks, grown, factors
 
 
 class GradientFreezer:

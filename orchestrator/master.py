@@ -8,7 +8,12 @@ a separate fp32 master copy and copies it back. Three layouts exist with a torch
   `optimizer.fp32_groups`, parallel to `optimizer.fp16_groups`; the safe setters do not reach it;
 - stage 0 fp32: the module parameter is the master and the optimiser's state is keyed by it.
 `MasterCopy` hides the difference: read the full fp32 value, write it everywhere it lives, read
-and write moments, and list the fp32 pieces this rank holds (for the divergence check).
+and write moments, and list the fp32 pieces this rank holds (for the divergence check), or hand
+out this rank's own master and moment pieces (flat views) for row arithmetic without collectives.
+
+The row arithmetic (`row_blocks`, `row_sums`, `zero_rows`, `scale_rows_`) works on a flat piece
+that starts anywhere in a parameter flattened row-major (a ZeRO fragment may start and end in the
+middle of a filter): a filter is one row of `per_row` elements.
 """
 
 from __future__ import annotations
@@ -85,6 +90,29 @@ class MasterCopy:
         target = self.inner.state[self._master(p)][key]
         target.copy_(value.to(target.device, target.dtype))
 
+    # -- this rank's own pieces, no collectives --------------------------------------------
+    def module_is_master(self, p: nn.Parameter) -> bool:
+        """Stage 0 fp32: the optimiser steps the module parameter itself."""
+        return not self.partitioned(p) and id(p) not in self._clone
+
+    def own_pieces(self, p: nn.Parameter, key: str | None = None) -> list[tuple[int, torch.Tensor]]:
+        """(flat offset, flat writable view) of the fp32 master of `p` (or of its moment `key`) on
+        this rank: its ZeRO fragment (none if this rank's partition holds no part of `p`), or the
+        whole stage-0 clone or module parameter. Together over ranks they hold every element once."""
+        if self.partitioned(p):
+            mapping = p._hp_mapping
+            if mapping is None:
+                return []
+            if key is None:
+                return [(mapping.lp_fragment_address.start, mapping.get_hp_fragment().view(-1))]
+            moments = mapping.optim_fragment or {}  # linked at the first step
+            return [(mapping.lp_fragment_address.start, moments[key].view(-1))] if key in moments else []
+        master = self._master(p)
+        if key is None:
+            return [(0, master.data.view(-1))]
+        state = self.inner.state.get(master, {}) if self.inner is not None else {}
+        return [(0, state[key].view(-1))] if key in state else []
+
     # -- what this rank holds ------------------------------------------------------------
     def held_pieces(self, p: nn.Parameter) -> Iterator[tuple[int, torch.Tensor]]:
         """(flat offset, flat fp32 values) of the master pieces of `p` on this rank, besides the
@@ -109,3 +137,51 @@ def _clone_masters(optimizer) -> dict[int, torch.Tensor]:
         for p, master in zip(low, high):
             pairs[id(p)] = master
     return pairs
+
+
+# -- row arithmetic on flat pieces -----------------------------------------------------------
+def row_blocks(start: int, numel: int, per_row: int) -> list[tuple[int, int, int, int]]:
+    """The flat piece [start, start + numel) of a tensor with `per_row` elements per row, cut at
+    row boundaries into (first row, lo, hi, rows) blocks of piece offsets: a partial first row,
+    the whole rows, a partial last row. Block [lo, hi) views as (rows, (hi - lo) // rows)."""
+    blocks, pos, row = [], 0, start // per_row
+    lead = start % per_row
+    if lead and numel:
+        pos = min(per_row - lead, numel)
+        blocks.append((row, 0, pos, 1))
+        row += 1
+    whole = (numel - pos) // per_row
+    if whole:
+        blocks.append((row, pos, pos + whole * per_row, whole))
+        pos, row = pos + whole * per_row, row + whole
+    if pos < numel:
+        blocks.append((row, pos, numel, 1))
+    return blocks
+
+
+def row_sums(piece: torch.Tensor, start: int, per_row: int, rows: int, power: int) -> torch.Tensor:
+    """Per row, the sum of |x| (power 1) or x^2 (power 2) over the elements of the row that
+    `piece` holds: partial L1 / squared-L2 filter norms, fp32 on the piece's device. (A norm
+    kernel, not abs()/square() then sum: no piece-sized temporary, ~10x faster on CPU.)"""
+    out = torch.zeros(rows, dtype=torch.float32, device=piece.device)
+    for row, lo, hi, k in row_blocks(start, piece.numel(), per_row):
+        norm = torch.linalg.vector_norm(piece[lo:hi].float().view(k, -1), ord=power, dim=1)
+        out[row:row + k] += norm if power == 1 else norm.square()
+    return out
+
+
+def zero_rows(piece: torch.Tensor, start: int, per_row: int, drop: torch.Tensor) -> None:
+    """Zero, in place, the elements of `piece` that lie in rows where `drop` (bool, per row) is
+    set; only those rows are touched."""
+    for row, lo, hi, k in row_blocks(start, piece.numel(), per_row):
+        idx = torch.nonzero(drop[row:row + k]).flatten()
+        if len(idx):
+            piece[lo:hi].view(k, -1).index_fill_(0, idx.to(piece.device), 0)
+
+
+def scale_rows_(piece: torch.Tensor, start: int, per_row: int, c: torch.Tensor, power: int = 1) -> None:
+    """Multiply, in place, the elements of `piece` in row i by c[i] ** power (fp32 arithmetic, as
+    `pruning.renorm.scale_rows` on the whole tensor)."""
+    f = c.to(piece.device, torch.float32).pow(power)
+    for row, lo, hi, k in row_blocks(start, piece.numel(), per_row):
+        piece[lo:hi].view(k, -1).mul_(f[row:row + k, None])  # computed in fp32, stored in piece's dtype

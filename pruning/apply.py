@@ -68,13 +68,23 @@ def regrowth(groups: GroupSet, masks: MaskSet, tensors: Mapping[str, Tensor]) ->
     it kept, measured on `tensors` (taken later, e.g. at the next event). 0 means the pruned
     filters stayed at zero; near 1, they grew back as large as the kept ones (soft pruning lets
     them; how far they get says how soft the pruning really is)."""
+    norms = {}
+    for conv, member in ((c, groups.member_of[c][1]) for c in conv_keep(groups, masks)):
+        weight = tensors.get(tensor_names(member, hard=False)[0])
+        if weight is not None:
+            norms[conv] = weight.detach().float().reshape(weight.shape[0], -1).norm(dim=1)
+    return regrowth_from_norms(groups, masks, norms)
+
+
+def regrowth_from_norms(groups: GroupSet, masks: MaskSet, norms: Mapping[str, Tensor]) -> dict[str, float]:
+    """`regrowth` from per-filter L2 norms (conv -> (out_channels,) vector) computed elsewhere,
+    e.g. summed from ZeRO fragments and all-reduced; convs missing from `norms` are skipped."""
     out: dict[str, float] = {}
     for conv, keep in conv_keep(groups, masks).items():
-        weight = tensors.get(tensor_names(groups.member_of[conv][1], hard=False)[0])
-        if weight is None or bool(keep.all()) or not bool(keep.any()):
+        if conv not in norms or bool(keep.all()) or not bool(keep.any()):
             continue
-        norms = weight.detach().float().reshape(weight.shape[0], -1).norm(dim=1)
-        keep = keep.to(norms.device)
-        kept = float(norms[keep].mean())
-        out[conv] = float(norms[~keep].mean()) / kept if kept > 0 else 0.0
+        conv_norms = norms[conv]
+        keep = keep.to(conv_norms.device)
+        kept = float(conv_norms[keep].mean())
+        out[conv] = float(conv_norms[~keep].mean()) / kept if kept > 0 else 0.0
     return out

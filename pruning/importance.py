@@ -12,13 +12,13 @@ on average per member): only their order within a group, and their ratio to the 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .groups import Group, GroupSet
-
 from .config import CRITERIA
+from .groups import Group, GroupSet
 
 
 def _l1(w: Tensor) -> Tensor:
@@ -67,16 +67,34 @@ def _relative(s: Tensor) -> Tensor:
     return s / s.mean().clamp_min(1e-12)
 
 
-def _group_score(group: Group, tensors: Mapping[str, Tensor], fn) -> Tensor:
+@dataclass(frozen=True)
+class FilterScores:
+    """Raw per-filter scores of every scored conv under one criterion, computed without the full
+    weights at hand: e.g. L1/L2 filter norms summed from ZeRO fragments and all-reduced
+    (orchestrator/coordinator.py). `score` takes them in place of weights and combines them
+    exactly as it combines the scores it computes itself."""
+
+    criterion: str
+    per_conv: Mapping[str, Tensor]  # conv name -> (out_channels,) raw scores
+
+
+def _combine(group: Group, per_conv: Mapping[str, Tensor]) -> Tensor:
+    """One group's slot scores from its members' raw filter scores (see the module docstring)."""
     if len(group.members) == 1 and group.members[0].slot is None:
-        return _relative(fn(_weight(tensors, group.members[0].conv)))
+        return _relative(_member(per_conv, group.members[0].conv))
     total = None
     for m in group.members:
-        s = _relative(fn(_weight(tensors, m.conv)))
+        s = _relative(_member(per_conv, m.conv))
         if total is None:
             total = s.new_zeros(group.size)
         total.index_add_(0, m.slot.to(s.device), s)
     return total / group.slot_count.to(total.device)
+
+
+def _member(per_conv: Mapping[str, Tensor], conv: str) -> Tensor:
+    if conv not in per_conv:
+        raise ValueError(f"score: no filter scores for conv {conv!r} given")
+    return per_conv[conv].detach().float()
 
 
 def _weight(tensors: Mapping[str, Tensor], conv: str) -> Tensor:
@@ -86,14 +104,29 @@ def _weight(tensors: Mapping[str, Tensor], conv: str) -> Tensor:
     return tensors[name].detach().float()
 
 
-def score(groups: GroupSet, tensors: Mapping[str, Tensor], criterion: str = "l2") -> dict[str, Tensor]:
+def score_from_filter_scores(groups: GroupSet, per_conv: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Slot scores of every group from raw per-filter scores (conv -> (out_channels,) vector), as
+    `score` computes them from weights: each member's divided by its mean, then combined."""
+    with torch.no_grad():
+        out = {g.name: _combine(g, per_conv) for g in groups}
+    return {k: v.cpu() for k, v in out.items()}  # sync point when the scores are on a GPU
+
+
+def score(groups: GroupSet, tensors: Mapping[str, Tensor] | FilterScores,
+          criterion: str = "l2") -> dict[str, Tensor]:
     """Score every slot of every group from the conv weights in `tensors` (name -> tensor, e.g.
-    `dict(model.named_parameters())` or full fp32 weights gathered under ZeRO). Returns CPU fp32
-    vectors keyed by group name, relative scores (each member conv's divided by its mean, see
-    `_relative`); computed where the weights live, one copy back at the end."""
+    `dict(model.named_parameters())` or full fp32 weights gathered under ZeRO), or from
+    precomputed `FilterScores` of the same criterion. Returns CPU fp32 vectors keyed by group
+    name, relative scores (each member conv's divided by its mean, see `_relative`); computed
+    where the weights live, one copy back at the end."""
     if criterion not in _FUNCS:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    if isinstance(tensors, FilterScores):
+        if tensors.criterion != criterion:
+            raise ValueError(f"score: the filter scores given are {tensors.criterion!r} scores, "
+                             f"not {criterion!r} (the coordinator's criterion must be the chooser's)")
+        return score_from_filter_scores(groups, tensors.per_conv)
     fn = _FUNCS[criterion]
     with torch.no_grad():
-        out = {g.name: _group_score(g, tensors, fn) for g in groups}
-    return {k: v.cpu() for k, v in out.items()}  # sync point when the weights are on a GPU
+        per_conv = {conv: fn(_weight(tensors, conv)) for conv in groups.convs()}
+    return score_from_filter_scores(groups, per_conv)

@@ -51,13 +51,22 @@ def renorm_factors(groups: GroupSet, masks: MaskSet, tensors: Mapping[str, Tenso
                    targets: Mapping[str, float]) -> dict[str, Tensor]:
     """conv -> (out_channels,) factors: target / norm for each kept non-zero filter, 1 for the
     pruned (zero) ones. Only convs with a BN after them and a target."""
+    norms = {conv: _row_norms(tensors[f"{conv}.weight"]) for conv in conv_keep(groups, masks)
+             if groups.member_of[conv][1].bn is not None and conv in targets}
+    return factors_from_norms(groups, masks, norms, targets)
+
+
+def factors_from_norms(groups: GroupSet, masks: MaskSet, norms: Mapping[str, Tensor],
+                       targets: Mapping[str, float]) -> dict[str, Tensor]:
+    """`renorm_factors` from per-filter L2 norms (conv -> (out_channels,) vector) computed
+    elsewhere, e.g. summed from ZeRO fragments and all-reduced (orchestrator/coordinator.py)."""
     out = {}
     for conv, keep in conv_keep(groups, masks).items():
         if groups.member_of[conv][1].bn is None or conv not in targets:
             continue
-        norms = _row_norms(tensors[f"{conv}.weight"])
-        scale = keep.to(norms.device).bool() & (norms > 0)
-        out[conv] = torch.where(scale, targets[conv] / norms.clamp_min(1e-12), torch.ones_like(norms))
+        conv_norms = norms[conv]
+        scale = keep.to(conv_norms.device).bool() & (conv_norms > 0)
+        out[conv] = torch.where(scale, targets[conv] / conv_norms.clamp_min(1e-12), torch.ones_like(conv_norms))
     return out
 
 
