@@ -17,6 +17,7 @@ COMMANDS = {
     "prune": "one-shot hard prune of a dense model into a compact one",
     "train": "train (and prune) with Ray Train + DeepSpeed from a config",
     "compact": "compact a finished run's checkpoint into a deployable model",
+    "export": "export a compacted model to ONNX, TorchScript or pt2, with measured latency",
     "compare": "train several configurations on the same data and seeds; table and plots",
 }
 

@@ -1,0 +1,142 @@
+"""A compacted (or dense) zoo model rewritten with standard operators only, for export.
+
+`fold_for_export(model)` returns an eval-mode copy in which:
+  * every conv's BatchNorm is folded into the conv (a plain `nn.Conv2d` with a bias; the BN
+    becomes `nn.Identity`);
+  * a faithful conv's `const_kernel` stays a convolution of an all-ones image: its response is a
+    constant only away from the borders (zero padding makes it smaller there), so folding it into
+    the bias would not be exact. It is scaled by the folded BN like the weights;
+  * `Scatter` and `ShortcutA` become one channel gather: the narrowed input gets one extra zero
+    channel and every output channel picks its source channel or that zero (ONNX `Gather`, no
+    scatter op), then the residual base and the scatter's bias are added.
+The copy computes the same function as `model` in eval mode (within float rounding); it no longer
+has a spec (it is for running, not for rebuilding or pruning further).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models import Scatter, ShortcutA
+
+
+class FoldedConv(nn.Conv2d):
+    """Conv + BN in one conv with a bias; `const_kernel` (if any) adds its ones-image response."""
+
+    def __init__(self, conv: nn.Conv2d, const_kernel: Tensor | None) -> None:
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                         conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode)
+        self.register_buffer("const_kernel", const_kernel)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = super().forward(x)
+        if self.const_kernel is None:
+            return y
+        ones = torch.ones_like(x[:1, :1])  # one image, one channel: ~1/in_channels of the MACs
+        return y + F.conv2d(ones, self.const_kernel, None, self.stride, self.padding, self.dilation)
+
+
+class ChannelGather(nn.Module):
+    """`out[:, j] = x[:, source[j]]` with source == len(x channels) meaning zero, plus `base` and
+    `bias`. Replaces Scatter (`source` = inverse of its index) and ShortcutA (also subsamples)."""
+
+    def __init__(self, source: Tensor, stride: int = 1, bias: Tensor | None = None) -> None:
+        super().__init__()
+        self.stride = stride
+        self.register_buffer("source", source)
+        self.register_buffer("bias", None if bias is None else bias.view(1, -1, 1, 1).clone())
+
+    def forward(self, x: Tensor, base: Tensor | None = None) -> Tensor:
+        if self.stride != 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        padded = torch.cat([x, torch.zeros_like(x[:, :1])], 1)
+        out = padded.index_select(1, self.source)
+        if base is not None:
+            out = out + base
+        if self.bias is not None:
+            out = out + self.bias
+        return out
+
+
+def _inverse(dst: Tensor, src: Tensor, width: int, n_in: int) -> Tensor:
+    """For each of `width` output channels: the input channel landing there, or `n_in` (zero)."""
+    source = torch.full((width,), n_in, dtype=torch.long)
+    source[dst.long()] = src.long()
+    return source
+
+
+def _from_scatter(mod: Scatter) -> ChannelGather:
+    index = mod.index.cpu()
+    source = _inverse(index, torch.arange(len(index)), mod.width, len(index))
+    bias = None if mod.bias is None else mod.bias.detach().cpu()
+    return ChannelGather(source, 1, bias)
+
+
+def _from_shortcut(mod: ShortcutA, n_in: int) -> ChannelGather:
+    source = _inverse(torch.tensor(mod.dst), torch.tensor(mod.src), mod.width, n_in)
+    return ChannelGather(source, mod.stride)
+
+
+def _folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> FoldedConv:
+    """Exact in eval mode: BN(conv(x) + r) = s * conv(x) + s * r + (beta - s * mean); float64
+    arithmetic so that folding adds no rounding beyond float32's."""
+    dtype = conv.weight.dtype
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
+    kernel = getattr(conv, "const_kernel", None)
+    if kernel is not None:
+        kernel = (kernel.double() * scale.view(-1, 1, 1, 1)).to(dtype)
+    new = FoldedConv(conv, kernel)
+    with torch.no_grad():
+        new.weight.copy_((conv.weight.double() * scale.view(-1, 1, 1, 1)).to(dtype))
+        new.bias.copy_(((bias - bn.running_mean.double()) * scale + bn.bias.double()).to(dtype))
+    return new.to(conv.weight.device)
+
+
+def _set(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+def _shortcut_inputs(model: nn.Module) -> dict[str, int]:
+    """Input channel count of every ShortcutA (its module does not record it), from one pass."""
+    widths: dict[str, int] = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: widths.__setitem__(n, a[0].shape[1]))
+             for n, m in model.named_modules() if isinstance(m, ShortcutA)]
+    if hooks:
+        p = next(model.parameters())
+        size = min(model.softprune_meta.input_size, 32)
+        was_training = model.training
+        try:
+            with torch.no_grad():
+                model.eval()(torch.zeros(1, 3, size, size, dtype=p.dtype, device=p.device))
+        finally:
+            model.train(was_training)
+            for h in hooks:
+                h.remove()
+    return widths
+
+
+def fold_for_export(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of `model` (a zoo model, dense or compacted) with standard ops only."""
+    folded = copy.deepcopy(model).eval()
+    meta = folded.softprune_meta
+    modules = dict(folded.named_modules())
+    for conv, bn in meta.bn.items():
+        if isinstance(modules[bn], nn.BatchNorm2d):
+            _set(folded, conv, _folded_conv(modules[conv], modules[bn]))
+            _set(folded, bn, nn.Identity())
+    n_in = _shortcut_inputs(model)
+    for name, mod in modules.items():
+        if isinstance(mod, Scatter):
+            _set(folded, name, _from_scatter(mod))
+        elif isinstance(mod, ShortcutA):
+            _set(folded, name, _from_shortcut(mod, n_in[name]))
+    for name, mod in folded.named_modules():  # what the rewrite must not leave behind
+        if isinstance(mod, (Scatter, ShortcutA, nn.BatchNorm2d)):
+            raise ValueError(f"export: {name} ({type(mod).__name__}) could not be folded")
+    return folded
