@@ -20,9 +20,10 @@ setup: $(VENV)/.installed
 test: setup
 	$(VENV)/bin/python -m pytest
 
-# the long fault drills (preemption, driver kill, torn checkpoint, lost node): about 5 minutes
+# outside `make test`: the long fault drills (driver kill, torn checkpoint, lost node) and the
+# long tail of test matrices (more export cases): about 7 minutes
 drills: setup
-	$(VENV)/bin/python -m pytest -m drill tests/integration/test_preemption_drills.py
+	$(VENV)/bin/python -m pytest -m "drill or exhaustive"
 
 smoke: setup
 	$(VENV)/bin/python launch/r101_asfp.py --smoke

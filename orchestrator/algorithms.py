@@ -120,10 +120,11 @@ class Masker:
             self.masks.check(groups)  # a checkpoint's masks must fit this model's groups
         self.norm_targets: dict[str, float] | None = state.get("norm_targets")
         if self.p.norm_control == "init" and self.norm_targets is None:
-            from pruning.renorm import layer_norms
+            from pruning.renorm import mean_nonzero
 
-            # at the start of training (collective under ZeRO: every rank builds its Masker here)
-            self.norm_targets = layer_norms(groups, self.coord.full_tensors())
+            # at the start of training; one all-reduce of per-filter norms under ZeRO, no gather
+            # (collective: every rank builds its Masker here)
+            self.norm_targets = mean_nonzero(self.coord.filter_norms(("l2",))["l2"])
 
     def state_dict(self) -> dict[str, Any]:
         return {"masks": self.masks.to_state() if self.masks is not None else None, "history": self.history,

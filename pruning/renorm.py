@@ -38,10 +38,15 @@ def _row_norms(t: Tensor) -> Tensor:
 def layer_norms(groups: GroupSet, tensors: Mapping[str, Tensor]) -> dict[str, float]:
     """conv -> the mean L2 norm of its non-zero filters in `tensors` (the targets, when taken
     at the start of training)."""
+    return mean_nonzero({conv: _row_norms(tensors[f"{conv}.weight"]) for conv in groups.convs()})
+
+
+def mean_nonzero(norms: Mapping[str, Tensor]) -> dict[str, float]:
+    """conv -> the mean of its non-zero per-filter norms (convs whose filters are all zero are
+    left out): `layer_norms` from norms computed elsewhere (summed over ZeRO fragments)."""
     out = {}
-    for conv in groups.convs():
-        norms = _row_norms(tensors[f"{conv}.weight"])
-        nonzero = norms[norms > 0]
+    for conv, n in norms.items():
+        nonzero = n[n > 0]
         if len(nonzero):
             out[conv] = float(nonzero.mean())
     return out
