@@ -234,6 +234,12 @@ def _materialise(spec, device, sd, values, extras, plan: Plan, scatter_bias) -> 
             extras[f"{name}.index"] = plan.scatter[conv]
             if conv in scatter_bias:
                 extras[f"{name}.bias"] = scatter_bias[conv]
+    return load_values(new, sd, values, extras)
+
+
+def load_values(new: nn.Module, sd, values, extras) -> nn.Module:
+    """Load every state-dict entry of `new` from the compaction's values (extras first, then
+    the sliced values, then the original state dict), strictly."""
     state = {}
     for key in new.state_dict():
         value = extras.get(key, values.get(key, sd.get(key)))

@@ -43,13 +43,9 @@ def rebuild(model: nn.Module, spec: dict, device, sd: dict[str, Tensor], values:
     for mod in gm.modules():
         if isinstance(mod, ShortcutA):
             mod.reset_index()
-    state = {}
-    for key in gm.state_dict():
-        value = extras.get(key, values.get(key, sd.get(key)))
-        assert value is not None, f"compact: no value for {key}"
-        state[key] = value
-    gm.load_state_dict(state, strict=True)
-    return gm
+    from .compact import load_values
+
+    return load_values(gm, sd, values, extras)
 
 
 def _on_meta(mod: nn.Module) -> bool:
