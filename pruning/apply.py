@@ -69,7 +69,7 @@ def regrowth(groups: GroupSet, masks: MaskSet, tensors: Mapping[str, Tensor]) ->
     filters stayed at zero; near 1, they grew back as large as the kept ones (soft pruning lets
     them; how far they get says how soft the pruning really is)."""
     norms = {}
-    for conv, member in ((c, groups.member_of[c][1]) for c in conv_keep(groups, masks)):
+    for conv, member in ((c, groups.member_of[c][1]) for c in groups.convs()):
         weight = tensors.get(tensor_names(member, hard=False)[0])
         if weight is not None:
             norms[conv] = weight.detach().float().reshape(weight.shape[0], -1).norm(dim=1)

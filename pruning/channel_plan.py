@@ -15,7 +15,7 @@ from .masks import MaskSet, conv_keep
 
 @dataclass
 class Plan:
-    out_keep: dict[str, Tensor]  # conv -> kept output channels (sorted original indices)
+    out_keep: dict[str, Tensor]  # conv or follower -> kept output channels (original indices)
     in_keep: dict[str, Tensor | None]  # conv or linear reader -> kept input channels, None = all
     in_width: dict[str, int]  # reader -> its original input width
     stream_keep: dict[str, Tensor]  # stream -> kept channels
@@ -28,15 +28,24 @@ def _idx(keep: Tensor) -> Tensor:
 
 
 def readers_of(meta) -> dict[str, str | None]:
-    """Reader module -> what it reads: an inner conv, a stream name, or None (the image)."""
+    """Reader module -> what it reads: an inner conv, a stream or concat name, or None (the image)."""
     source: dict[str, str | None] = {meta.first_conv: None}
     for conv, readers in meta.consumers.items():
         for r in readers:
             source[r] = conv
-    for name, s in meta.streams.items():
+    for name, s in [*meta.streams.items(), *meta.concats.items()]:
         for r in s.consumers:
             source[r] = name
     return source
+
+
+def source_keep(meta, out_keep: dict[str, Tensor], stream_keep: dict[str, Tensor], source: str) -> Tensor:
+    """The kept channels of a source: an inner conv's, a stream's, or a concat's parts' in order."""
+    if source in meta.concats:
+        c = meta.concats[source]
+        offsets = torch.tensor([0, *c.widths]).cumsum(0).tolist()
+        return torch.cat([source_keep(meta, out_keep, stream_keep, p) + o for p, o in zip(c.parts, offsets)])
+    return stream_keep[source] if source in stream_keep else out_keep[source]
 
 
 def make_plan(model: nn.Module, groups: GroupSet, masks: MaskSet) -> Plan:
@@ -45,15 +54,17 @@ def make_plan(model: nn.Module, groups: GroupSet, masks: MaskSet) -> Plan:
     modules = dict(model.named_modules())
     keep = conv_keep(groups, masks)
     out_keep = {c: _idx(keep[c]) if c in keep else torch.arange(modules[c].out_channels)
-                for c in meta.convs}
+                for c in [*meta.convs, *meta.fixed]}
     stream_keep = {s: torch.arange(sm.width) for s, sm in meta.streams.items()}
     for g in groups:
         for s, slot in g.stream_slot.items():
             stream_keep[s] = _idx(masks.keep[g.name][slot])
+    for follower, src in meta.follow.items():
+        out_keep[follower] = source_keep(meta, out_keep, stream_keep, src)
     plan = Plan(out_keep, {}, {}, stream_keep)
     for reader, src in readers_of(meta).items():
         width = _in_width(modules[reader])
-        kept = None if src is None else (out_keep[src] if src in out_keep else stream_keep[src])
+        kept = None if src is None else source_keep(meta, out_keep, stream_keep, src)
         plan.in_keep[reader] = None if kept is None or len(kept) == width else kept
         plan.in_width[reader] = width
     for conv, stream in meta.stream_of.items():

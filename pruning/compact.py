@@ -80,14 +80,15 @@ def tensor_index(meta, plan: Plan) -> dict[str, Index]:
     statistics (dim 0), linear weights (dim 1 kept input features). Names absent are taken whole.
     Conv bias names are listed whether or not the conv has a bias."""
     index: dict[str, Index] = {}
-    for conv in meta.convs:
+    for conv in [*meta.convs, *meta.follow]:  # a follower: a depthwise conv, an excitation, a BN
         keep, in_keep = plan.out_keep[conv], plan.in_keep.get(conv)
-        index[f"{conv}.weight"] = ((0, keep),) if in_keep is None else ((0, keep), (1, in_keep))
-        index[f"{conv}.bias"] = ((0, keep),)
-        for field in ("weight", "bias", "running_mean", "running_var"):
-            index[f"{meta.bn[conv]}.{field}"] = ((0, keep),)
+        for name in (conv, meta.bn.get(conv, conv)):
+            for field in ("weight", "bias", "running_mean", "running_var"):
+                index[f"{name}.{field}"] = ((0, keep),)
+        if in_keep is not None:
+            index[f"{conv}.weight"] = ((0, keep), (1, in_keep))
     for reader, in_keep in plan.in_keep.items():
-        if reader not in meta.bn and in_keep is not None:  # a linear layer
+        if f"{reader}.weight" not in index and in_keep is not None:  # a linear layer or a fixed conv
             index[f"{reader}.weight"] = ((1, in_keep),)
     return index
 
@@ -109,8 +110,8 @@ def compaction_index(model: nn.Module, groups: GroupSet, masks: MaskSet,
     meta, modules = model.softprune_meta, dict(model.named_modules())
     plan = make_plan(model, groups, masks)
     index = tensor_index(meta, plan)
-    folded = {f"{r}.bias" for r, k in plan.in_keep.items()
-              if mode == "faithful" and k is not None and isinstance(modules[r], nn.Linear)}
+    folded = {f"{r}.bias" for r, k in plan.in_keep.items() if mode == "faithful" and k is not None
+              and (isinstance(modules[r], nn.Linear) or (r not in meta.bn and not any(modules[r].padding)))}
     return {name: None if name in folded else index.get(name, ()) for name, _ in model.named_parameters()}
 
 
@@ -192,9 +193,13 @@ def _fold(meta, modules, sd, plan: Plan, rec, values, extras) -> list[str]:
         if any(mod.padding):
             extras[f"{reader}.const_kernel"] = (wp * v.view(1, -1, 1, 1)).sum(1, keepdim=True)
             const_input.append(reader)
-        else:  # a uniform shift of the conv output: BN(y + d) = BN with running_mean - d
+        elif reader in meta.bn:  # a uniform shift of the conv output: BN(y + d) = BN with running_mean - d
             key = f"{meta.bn[reader]}.running_mean"
             values[key] = values[key] - wp.sum((2, 3)) @ v
+        elif mod.bias is not None:  # e.g. an SE squeeze: the shift goes into its bias
+            values[f"{reader}.bias"] = sd[f"{reader}.bias"] + wp.sum((2, 3)) @ v
+        else:
+            raise ValueError(f"faithful compaction: {reader} has neither a BatchNorm nor a bias to absorb constants")
     return const_input
 
 

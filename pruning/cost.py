@@ -95,6 +95,9 @@ def masked_cost(model: nn.Module, groups: GroupSet, masks: MaskSet, input_size=N
         removed_params += old - new
     for conv, bn in meta.bn.items():
         removed_params += 2 * (modules[conv].out_channels - len(plan.out_keep[conv]))
+    for follower in meta.follow:  # a BatchNorm on a stream or concat
+        if follower not in meta.bn and isinstance(modules[follower], (nn.BatchNorm1d, nn.BatchNorm2d)):
+            removed_params += 2 * (modules[follower].num_features - len(plan.out_keep[follower]))
     # ds_numel: a ZeRO-3 partitioned parameter reports its full size there, not in numel().
     params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()) - removed_params
     return Counts(params, conv_macs + linear_macs, conv_macs, linear_macs)

@@ -1,4 +1,4 @@
-"""A compacted (or dense) zoo model rewritten with standard operators only, for export.
+"""A compacted (or dense) model rewritten with standard operators only, for export.
 
 `fold_for_export(model)` returns an eval-mode copy in which:
   * every conv's BatchNorm is folded into the conv (a plain `nn.Conv2d` with a bias; the BN
@@ -9,6 +9,9 @@
   * `Scatter` and `ShortcutA` become one channel gather: the narrowed input gets one extra zero
     channel and every output channel picks its source channel or that zero (ONNX `Gather`, no
     scatter op), then the residual base and the scatter's bias are added.
+A BatchNorm that follows no conv (one on a stream or a concat, in a traced model) stays: ONNX's
+BatchNormalization is a standard op. The conv/BN pairs come from the zoo's declared metadata, or,
+for a traced model's compacted copy (an fx GraphModule), from its graph.
 The copy computes the same function as `model` in eval mode (within float rounding); it no longer
 has a spec (it is for running, not for rebuilding or pruning further).
 """
@@ -19,7 +22,7 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from models import Scatter, ShortcutA
 
@@ -109,7 +112,8 @@ def _shortcut_inputs(model: nn.Module) -> dict[str, int]:
              for n, m in model.named_modules() if isinstance(m, ShortcutA)]
     if hooks:
         p = next(model.parameters())
-        size = min(model.softprune_meta.input_size, 32)
+        meta = getattr(model, "softprune_meta", None)
+        size = min(meta.input_size, 32) if meta is not None and isinstance(meta.input_size, int) else 32
         was_training = model.training
         try:
             with torch.no_grad():
@@ -121,12 +125,29 @@ def _shortcut_inputs(model: nn.Module) -> dict[str, int]:
     return widths
 
 
+def conv_bn_pairs(model: nn.Module) -> dict[str, str]:
+    """conv -> the BatchNorm2d that reads it alone: declared, or read off an fx graph."""
+    meta = getattr(model, "softprune_meta", None)
+    if meta is not None:
+        return dict(meta.bn)
+    if not isinstance(model, fx.GraphModule):
+        raise ValueError(f"export: {type(model).__name__} has neither softprune_meta nor an fx graph")  # noqa: TRY004 - one-line user error
+    modules = dict(model.named_modules())
+    pairs = {}
+    for node in model.graph.nodes:
+        src = node.args[0] if node.op == "call_module" and node.args else None
+        if isinstance(modules.get(node.target), nn.BatchNorm2d) and isinstance(src, fx.Node) \
+                and src.op == "call_module" and isinstance(modules[src.target], nn.Conv2d) and len(src.users) == 1:
+            pairs[src.target] = node.target
+    return pairs
+
+
 def fold_for_export(model: nn.Module) -> nn.Module:
-    """An eval-mode copy of `model` (a zoo model, dense or compacted) with standard ops only."""
+    """An eval-mode copy of `model` (a zoo or traced model, dense or compacted) with standard ops only."""
     folded = copy.deepcopy(model).eval()
-    meta = folded.softprune_meta
+    pairs = conv_bn_pairs(folded)
     modules = dict(folded.named_modules())
-    for conv, bn in meta.bn.items():
+    for conv, bn in pairs.items():
         if isinstance(modules[bn], nn.BatchNorm2d):
             _set(folded, conv, _folded_conv(modules[conv], modules[bn]))
             _set(folded, bn, nn.Identity())
@@ -137,6 +158,6 @@ def fold_for_export(model: nn.Module) -> nn.Module:
         elif isinstance(mod, ShortcutA):
             _set(folded, name, _from_shortcut(mod, n_in[name]))
     for name, mod in folded.named_modules():  # what the rewrite must not leave behind
-        if isinstance(mod, (Scatter, ShortcutA, nn.BatchNorm2d)):
+        if isinstance(mod, (Scatter, ShortcutA)) or name in pairs.values() and isinstance(mod, nn.BatchNorm2d):
             raise ValueError(f"export: {name} ({type(mod).__name__}) could not be folded")
     return folded

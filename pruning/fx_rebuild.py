@@ -60,16 +60,20 @@ def _set(gm: fx.GraphModule, name: str, mod: nn.Module) -> None:
 def _narrowed(name: str, mod: nn.Module, spec: dict, plan: Plan, bn_of: str | None) -> nn.Module:
     """A shape-only copy on the meta device (its values are loaded afterwards)."""
     in_keep = plan.in_keep.get(name)
+    channels = spec["channels"]
     with torch.device("meta"):
         if isinstance(mod, nn.Conv2d):
             cin = mod.in_channels if in_keep is None else len(in_keep)
-            return Conv2d(cin, spec["channels"][name], mod.kernel_size, mod.stride, mod.padding,
-                          mod.dilation, 1, mod.bias is not None, mod.padding_mode,
+            cout, groups = channels.get(name, mod.out_channels), mod.groups
+            if groups > 1 and groups == mod.in_channels == mod.out_channels:  # depthwise: cut with its input
+                cin = groups = cout
+            return Conv2d(cin, cout, mod.kernel_size, mod.stride, mod.padding, mod.dilation, groups,
+                          mod.bias is not None, mod.padding_mode,
                           const_input=name in spec.get("const_input", ()))
         if isinstance(mod, nn.Linear):
             cin = mod.in_features if in_keep is None else len(in_keep)
-            return nn.Linear(cin, mod.out_features, mod.bias is not None)
-        n = spec["channels"][bn_of] if bn_of else mod.num_features
+            return nn.Linear(cin, channels.get(name, mod.out_features), mod.bias is not None)
+        n = channels.get(bn_of or name, mod.num_features)
         return type(mod)(n, mod.eps, mod.momentum, mod.affine, mod.track_running_stats)
 
 

@@ -11,13 +11,19 @@ is slot i). Policies:
   whose slots are the stream's channels. Option-A shortcuts copy a parent stream's channel into a
   child stream's channel, so linked streams form one group and linked channels one slot.
 - `pfec`: only inner convs (outputs not tied to a shortcut).
+
+Under every policy a group also carries the *followers* of the channels it narrows (depthwise
+convs, squeeze-excite excitations, BatchNorms on streams or concats; see models/meta.py): they are
+masked and cut with the group but never scored. A follower of a concat belongs to one group per
+part, each holding the follower's `rows` of that part. A group that would narrow a frozen source
+(one a grouped conv reads) is dropped.
 """
 
 from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -27,13 +33,16 @@ from .config import POLICIES
 
 @dataclass(frozen=True)
 class Member:
-    """One conv (and the BN after it) whose output channels belong to a group."""
+    """One conv (and the BN after it) whose output channels belong to a group. A follower is
+    masked with the group but not scored; one that is a BatchNorm alone has `conv == bn`."""
 
     conv: str
-    bn: str
+    bn: str | None
     channels: int
     has_bias: bool
-    slot: Tensor | None = None  # (channels,) long: the slot of each output channel
+    slot: Tensor | None = None  # the slot of each output channel (of each of `rows`)
+    rows: Tensor | None = None  # follower of a concat: the channels this group holds (None: all)
+    follower: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,8 +66,10 @@ class GroupSet:
         self.policy = policy
         self.groups: list[Group] = list(groups)
         self.by_name = {g.name: g for g in self.groups}
-        self.member_of: dict[str, tuple[Group, Member]] = {
-            m.conv: (g, m) for g in self.groups for m in g.members}
+        self.member_of: dict[str, tuple[Group, Member]] = {}
+        for g in self.groups:
+            for m in g.members:
+                self.member_of.setdefault(m.conv, (g, m))
         assert len(self.by_name) == len(self.groups), "group names must be unique"
 
     def __iter__(self) -> Iterator[Group]:
@@ -77,8 +88,8 @@ class GroupSet:
         return [g.size for g in self.groups]
 
     def convs(self) -> list[str]:
-        """Every conv some group masks, in forward order."""
-        return list(self.member_of)
+        """Every conv some group scores (followers excluded), in forward order."""
+        return [c for c, (_, m) in self.member_of.items() if not m.follower]
 
     def param_names(self, hard: bool = True) -> list[str]:
         """Every parameter masking touches: conv weights (and biases); with `hard`, the BN weight
@@ -90,8 +101,10 @@ class GroupSet:
 
 
 def tensor_names(member: Member, hard: bool) -> list[str]:
+    if member.conv == member.bn:  # a BatchNorm follower: only hard masks touch it
+        return [f"{member.bn}.weight", f"{member.bn}.bias"] if hard else []
     names = [f"{member.conv}.weight"] + ([f"{member.conv}.bias"] if member.has_bias else [])
-    if hard:
+    if hard and member.bn is not None:
         names += [f"{member.bn}.weight", f"{member.bn}.bias"]
     return names
 
@@ -114,8 +127,8 @@ def build_groups(model: nn.Module, policy: str = "sfp", include: Sequence[str] =
         if policy != "pfec":
             raise ValueError(f"preset {preset!r} is a PFEC configuration: use policy='pfec', not {policy!r}")
         groups = _apply_preset(meta, groups, policy, preset)
-    groups = [g for g in groups if _selected(g, include, exclude)]
-    return GroupSet(meta.name, policy, groups)
+    groups = [g for g in groups if _selected(g, include, exclude) and not _narrows(meta, g)]
+    return GroupSet(meta.name, policy, _with_followers(meta, modules, groups))
 
 
 def model_meta(model: nn.Module, example_inputs=None):
@@ -143,6 +156,69 @@ def _member(meta, modules, conv: str, slot: Tensor | None = None) -> Member:
     if getattr(mod, "groups", 1) != 1:
         raise ValueError(f"{conv}: grouped convolutions are not supported")
     return Member(conv, meta.bn[conv], mod.out_channels, mod.bias is not None, slot)
+
+
+def _frozen(meta) -> set[str]:
+    """The frozen sources, concats expanded into their parts."""
+    out, todo = set(), list(meta.frozen)
+    while todo:
+        src = todo.pop()
+        out.add(src)
+        todo += meta.concats[src].parts if src in meta.concats else []
+    return out
+
+
+def _narrows(meta, g: Group) -> bool:
+    frozen = _frozen(meta) if meta.frozen else set()
+    return any(m.conv in frozen for m in g.members) or any(s in frozen for s in g.streams)
+
+
+def _with_followers(meta, modules, groups: list[Group]) -> list[Group]:
+    """Each group with the followers of the channels it narrows appended to its members."""
+    if not meta.follow:
+        return groups
+    owner: dict[str, tuple[str, Tensor | None, int]] = {}  # source -> (group, slot, width)
+    for g in groups:
+        for s, slot in g.stream_slot.items():
+            owner[s] = (g.name, slot, len(slot))
+        for m in g.members:
+            if m.conv not in meta.stream_of:
+                owner[m.conv] = (g.name, m.slot, m.channels)
+    extra: dict[str, list[Member]] = {}
+    for follower, source in meta.follow.items():
+        mod = modules[follower]
+        width = _out_width(mod)
+        for group, slot, rows in _pieces(meta, owner, source, 0):
+            whole = rows is not None and len(rows) == width
+            extra.setdefault(group, []).append(Member(
+                follower, meta.bn.get(follower, follower if _is_bn(mod) else None), width,
+                getattr(mod, "bias", None) is not None and not _is_bn(mod), slot,
+                None if whole else rows, follower=True))
+    return [replace(g, members=g.members + tuple(extra.get(g.name, ()))) for g in groups]
+
+
+def _pieces(meta, owner, source: str, offset: int) -> list[tuple[str, Tensor | None, Tensor]]:
+    """(group, slot per row, rows) for the channels of `source` placed at `offset`."""
+    if source in meta.concats:
+        out, at = [], offset
+        for part, width in zip(meta.concats[source].parts, meta.concats[source].widths):
+            out += _pieces(meta, owner, part, at)
+            at += width
+        return out
+    if source not in owner:
+        return []
+    group, slot, width = owner[source]
+    return [(group, slot, torch.arange(offset, offset + width))]
+
+
+def _is_bn(mod: nn.Module) -> bool:
+    return isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d))
+
+
+def _out_width(mod: nn.Module) -> int:
+    if _is_bn(mod):
+        return mod.num_features
+    return mod.out_channels if isinstance(mod, nn.Conv2d) else mod.out_features
 
 
 def _conv_group(meta, modules, conv: str) -> Group:

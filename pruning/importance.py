@@ -80,10 +80,11 @@ class FilterScores:
 
 def _combine(group: Group, per_conv: Mapping[str, Tensor]) -> Tensor:
     """One group's slot scores from its members' raw filter scores (see the module docstring)."""
-    if len(group.members) == 1 and group.members[0].slot is None:
-        return _relative(_member(per_conv, group.members[0].conv))
+    scored = [m for m in group.members if not m.follower]
+    if len(scored) == 1 and scored[0].slot is None:
+        return _relative(_member(per_conv, scored[0].conv))
     total = None
-    for m in group.members:
+    for m in scored:
         s = _relative(_member(per_conv, m.conv))
         if total is None:
             total = s.new_zeros(group.size)

@@ -126,10 +126,17 @@ def full_masks(groups: GroupSet, epoch: int = 0) -> MaskSet:
 
 
 def conv_keep(groups: GroupSet, masks: MaskSet) -> dict[str, Tensor]:
-    """Per masked conv, a bool vector over its output channels."""
+    """Per masked conv (and follower), a bool vector over its output channels. A follower of a
+    concat gets its rows from each part's group, and keeps the rows no group holds."""
     out = {}
     for g in groups:
         k = masks.keep[g.name]
         for m in g.members:
-            out[m.conv] = k if m.slot is None else k[m.slot]
+            mk = k if m.slot is None else k[m.slot]
+            if m.rows is None:
+                out[m.conv] = mk
+            else:
+                if m.conv not in out:
+                    out[m.conv] = torch.ones(m.channels, dtype=torch.bool, device=k.device)
+                out[m.conv][m.rows.to(k.device)] = mk
     return out

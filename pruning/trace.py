@@ -6,7 +6,12 @@ the same description here, read off `torch.fx.symbolic_trace` with channel count
 `ShapeProp` pass. Every tensor is followed as a *channel space*: a conv's output opens one, a BN
 or activation or pooling keeps it, a residual add merges the spaces it adds (a stream), and an
 option-A shortcut (`ShortcutA`, or `F.pad` on the channel dim) opens a child space whose channels
-come from a parent's. Anything else raises one ValueError naming the fx node, never a guess.
+come from a parent's. A `torch.cat` on the channel dim opens a space made of its parts' channels.
+A depthwise conv, a BatchNorm on a stream or concat, and a squeeze-excite excitation (a conv or
+linear without BatchNorm whose output multiplies a feature map) *follow* the space they act on:
+they keep it, and are cut with it. A grouped conv keeps all its channels and freezes the space it
+reads; so does a conv without BatchNorm that only feeds such gates (an SE squeeze). Anything else
+raises one ValueError naming the fx node, never a guess.
 
 Conventions that make a traced meta equal to a declared one: convs in forward order except that a
 block's projection conv is listed after its main branch; a block's input is a stream even when
@@ -25,18 +30,19 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from models.layers import Scatter, ShortcutA
-from models.meta import BlockMeta, ModelMeta
+from models.meta import BlockMeta, ConcatMeta, ModelMeta
 
 _LEAVES = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, ShortcutA, Scatter)
 # Modules and functions that act on each channel alone: they keep the channel space.
 _KEEP_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish,
-                 nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Dropout, nn.Dropout2d, nn.Identity,
+                 nn.Sigmoid, nn.Hardsigmoid, nn.Tanh, nn.Hardtanh, nn.Dropout, nn.Dropout2d, nn.Identity,
                  nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 _KEEP_FUNCTIONS = {F.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.hardswish, F.mish,
                    torch.relu, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh, F.hardtanh, F.dropout,
+                   F.hardsigmoid,
                    F.dropout2d, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
                    F.adaptive_max_pool2d, torch.clone}
-_KEEP_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone"}
+_KEEP_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clone"}
 _ADD = {operator.add, operator.iadd, torch.add}
 _MUL = {operator.mul, operator.imul, torch.mul, operator.truediv, torch.div}
 _CAT = {torch.cat, torch.concat, torch.stack}
@@ -71,6 +77,8 @@ class _Space:
     parent: int | None = None  # option-A: the space its channels come from
     parent_map: list[tuple[int, int]] = field(default_factory=list)
     stream: bool = False
+    parts: list[int] = field(default_factory=list)  # a concat: its parts' spaces, in order
+    cat: str | None = None  # a concat: the fx node that made it (its name in the meta)
 
 
 @dataclass(frozen=True)
@@ -111,6 +119,12 @@ class _Flow:
         self.classifier: str | None = None
         self.image_seen = False
         self.deferred: ValueError | None = None
+        self.follow: dict[str, int] = {}  # follower module -> the space it follows
+        self.fixed: set[str] = set()  # grouped convs: every output channel kept
+        self.gates: set[str] = set()  # excitation convs/linears (followers too)
+        self.frozen: set[int] = set()  # spaces read by a grouped conv
+        self.pending_reads: list[tuple[fx.Node, str, str]] = []  # (node, reader, conv before its BN)
+        self.out_space: dict[str, int] = {}  # conv -> the space its output opened
 
     # -- spaces ---------------------------------------------------------------------------
     def new_space(self, width: int, **kw) -> int:
@@ -128,6 +142,8 @@ class _Flow:
         if a == b:
             return a
         sa, sb = self.spaces[a], self.spaces[b]
+        if sa.parts or sb.parts:
+            raise _err(node, "adds a channel concatenation to another tensor, which is not supported")
         if sa.width != sb.width:
             raise _err(node, f"adds {sa.width} channels to {sb.width}")
         if sa.parent is not None and sb.parent is not None:
@@ -157,9 +173,8 @@ class _Flow:
         if v.kind != "space":
             src = "the model input" if v.kind == "image" else "a non-conv value"
             raise _err(node, f"{what} reads {src}, which the tracer cannot follow here")
-        if v.pending:
-            self.defer(node, f"{what} reads conv '{v.pending}' before any BatchNorm: every pruned "
-                             "conv needs its own BatchNorm")
+        if v.pending:  # fine for a conv that ends up fixed or a follower: checked at the end
+            self.pending_reads.append((node, what, v.pending))
         return v
 
     def defer(self, node: fx.Node, why: str) -> None:
@@ -206,11 +221,11 @@ def _module(flow: _Flow, node: fx.Node) -> _Val:
         raise _err(node, "the model is already compacted (Scatter); trace the original model")
     if isinstance(mod, nn.Conv2d):
         if mod.groups != 1:
-            kind = "depthwise" if mod.groups == mod.in_channels else "grouped"
-            raise _err(node, f"{kind} convolution (groups={mod.groups}) is not supported yet")
+            return _grouped(flow, node, name, mod, x)
         flow.reads[name] = flow.read(node, name, x, flat=False)
         flow.convs.append(name)
-        return _Val("space", flow.new_space(mod.out_channels, convs=[name]), pending=name)
+        flow.out_space[name] = flow.new_space(mod.out_channels, convs=[name])
+        return _Val("space", flow.out_space[name], pending=name)
     if isinstance(mod, nn.Linear):
         v = flow.val(node, x)
         if v.kind == "space":
@@ -226,19 +241,91 @@ def _module(flow: _Flow, node: fx.Node) -> _Val:
         v = flow.val(node, x)
         if v.kind == "fixed":
             return v
-        if v.kind != "space" or v.pending is None:
-            raise _err(node, "BatchNorm on channels that are not one conv's output (e.g. after a "
-                             "residual add) is not supported")
+        if v.kind != "space":
+            raise _err(node, "BatchNorm on the model input is not supported")
+        if v.pending is None:  # on a stream, a concat or a follower's BN output: it follows
+            flow.follow[name] = v.space
+            return v
         flow.bn[v.pending] = name
         return _Val("space", v.space, flat=v.flat)
     if isinstance(mod, ShortcutA):
         v = flow.tensor_in(node, x, "an option-A shortcut")
+        _not_concat(flow, node, v)
         return _Val("space", flow.new_space(mod.width, parent=v.space, parent_map=list(zip(mod.src, mod.dst))))
     if isinstance(mod, _KEEP_MODULES):
         return flow.val(node, x)
     if isinstance(mod, nn.Flatten):
         return _flatten(flow, node, x)
     raise _err(node, f"module type {type(mod).__name__} is not supported")
+
+
+def _grouped(flow: _Flow, node: fx.Node, name: str, mod: nn.Conv2d, x) -> _Val:
+    """A depthwise conv (one filter per input channel) follows its input's channels; any other
+    grouped conv keeps all its channels and freezes the space it reads (cutting it would need
+    equal cuts in every group)."""
+    v = flow.tensor_in(node, x, f"grouped conv '{name}'")
+    if v.flat:
+        raise _err(node, "reads a tensor of the wrong rank for its channels")
+    if mod.groups == mod.in_channels == mod.out_channels:
+        flow.follow[name] = v.space
+        return _Val("space", v.space, pending=name)
+    flow.frozen.add(v.space)
+    flow.fixed.add(name)
+    flow.reads[name] = flow.read(node, name, x, flat=False)
+    flow.convs.append(name)
+    flow.out_space[name] = flow.new_space(mod.out_channels, convs=[name])
+    return _Val("space", flow.out_space[name], pending=name)
+
+
+def _not_concat(flow: _Flow, node: fx.Node, v: _Val) -> None:
+    if flow.spaces[flow.find(v.space)].parts:
+        raise _err(node, "an option-A shortcut of a channel concatenation is not supported")
+
+
+def _cat(flow: _Flow, node: fx.Node) -> _Val:
+    """torch.cat on the channel dim: a space whose channels are its parts' channels in order."""
+    if node.target is torch.stack:
+        raise _err(node, "stacking tensors into a new dim is not supported")
+    parts = node.args[0] if node.args else node.kwargs["tensors"]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    vals = [flow.tensor_in(node, t, "a concatenation") for t in parts]
+    flat = vals[0].flat
+    if any(v.flat != flat for v in vals) or not isinstance(dim, int) or dim % (2 if flat else 4) != 1:
+        raise _err(node, "only concatenation along the channel dim (1) is supported")
+    widths = [flow.spaces[flow.find(v.space)].width for v in vals]
+    shape = _shape(node)
+    if len(shape) < 2 or shape[1] != sum(widths):
+        raise _err(node, f"concatenates {sum(widths)} channels into {shape[1:2] or '?'}")
+    return _Val("space", flow.new_space(sum(widths), parts=[v.space for v in vals], cat=node.name), flat=flat)
+
+
+def _gate_of(flow: _Flow, v: _Val) -> tuple[str, int] | None:
+    """(module, width) if `v` is an excitation: a linear's output, or a conv's output that no
+    BatchNorm has followed."""
+    if v.kind == "fixed" and v.linear is not None:
+        return v.linear, flow.modules[v.linear].out_features
+    if v.kind == "space" and v.pending is not None and v.pending not in flow.follow \
+            and flow.fresh_conv(v.space) == v.pending:
+        return v.pending, flow.spaces[flow.find(v.space)].width
+    return None
+
+
+def _gate(flow: _Flow, node: fx.Node, a, b) -> _Val:
+    """x * gate: squeeze-excite. The excitation's channel i scales channel i of x, so it
+    follows x's space; the product is x's space."""
+    for x, g in ((a, b), (b, a)):
+        vx, gate = flow.val(node, x), _gate_of(flow, flow.val(node, g))
+        if gate is None or vx.kind != "space" or gate[0] in flow.gates:
+            continue
+        vx = flow.tensor_in(node, x, "a gated tensor")
+        width = flow.spaces[flow.find(vx.space)].width
+        if gate[1] != width:
+            raise _err(node, f"gates {width} channels with {gate[1]} excitations")
+        flow.gates.add(gate[0])
+        flow.follow[gate[0]] = vx.space
+        return _Val("space", vx.space, vx.pending, flat=vx.flat)
+    raise _err(node, "multiplies two feature maps: only squeeze-excite gating (x * gate, the gate "
+                     "made by a conv or linear without BatchNorm) is supported")
 
 
 def _flatten(flow: _Flow, node: fx.Node, x) -> _Val:
@@ -280,6 +367,8 @@ def _pad(flow: _Flow, node: fx.Node) -> _Val:
     value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
     v = flow.tensor_in(node, x, "a padding")
     pad = tuple(pad)
+    if len(pad) >= 6:
+        _not_concat(flow, node, v)
     front, back = (pad[4], pad[5]) if len(pad) >= 6 else (0, 0)
     if front == back == 0 and len(pad) <= 4:
         return v
@@ -307,7 +396,7 @@ def _binary(flow: _Flow, node: fx.Node, op: str) -> _Val:
     if len(tensors) < 2:  # x + 1, x * 0.5: per-channel, keeps the space
         return flow.val(node, tensors[0]) if tensors else _Val("aux")
     if op == "mul":
-        raise _err(node, "multiplicative gating of channels (e.g. squeeze-excite) is not supported yet")
+        return _gate(flow, node, a, b)
     if node.kwargs.get("alpha", 1) != 1:
         raise _err(node, "a scaled residual add (alpha) is not supported")
     return _residual(flow, node, a, b)
@@ -345,7 +434,7 @@ def _readings(flow: _Flow, main: _Val, other: _Val) -> list[_Block]:
     ds = flow.fresh_conv(other.space)
     if ds is not None and flow.reads[ds] is not None:
         chain = _chain(flow, last, flow.reads[ds])
-        if chain:
+        if chain and ds not in chain:  # a projection is not also on the main branch
             out.append(_Block(chain, "downsample", ds, flow.reads[ds], other.space))
     return out
 
@@ -389,7 +478,7 @@ def _function(flow: _Flow, node: fx.Node) -> _Val:
     if fn in _MUL:
         return _binary(flow, node, "mul")
     if fn in _CAT:
-        raise _err(node, "channel concatenation is not supported yet")
+        return _cat(flow, node)
     if fn in _KEEP_FUNCTIONS:
         return flow.val(node, x)
     if fn is torch.flatten:
@@ -418,6 +507,8 @@ def _method(flow: _Flow, node: fx.Node) -> _Val:
     if m in ("mul", "mul_", "div", "div_"):
         return _binary(flow, node, "mul")
     if m in _KEEP_METHODS:
+        return flow.val(node, x)
+    if m in ("expand_as", "expand"):  # a gate broadcast over x's positions: same channels
         return flow.val(node, x)
     if m == "flatten":
         return _flatten(flow, node, x)
@@ -466,7 +557,35 @@ def _flow(model: nn.Module, example_inputs) -> tuple[_Flow, fx.GraphModule]:
             flow.vals[node] = _visit(flow, node)
     if flow.deferred is not None:
         raise flow.deferred
+    _settle(flow)
     return flow, gm
+
+
+def _settle(flow: _Flow) -> None:
+    """Convs without BatchNorm: an excitation follows what it gates; one whose output only feeds
+    fixed convs or excitations (an SE squeeze) keeps its channels; any other is an error."""
+    followed = {flow.find(s) for s in flow.follow.values()}
+    parts = {flow.find(p) for sp in flow.spaces for p in sp.parts}
+    changed = True
+    while changed:
+        changed = False
+        for conv in flow.convs:
+            if conv in flow.bn or conv in flow.gates or conv in flow.fixed:
+                continue
+            root = flow.find(flow.out_space[conv])
+            sp = flow.spaces[root]
+            if sp.readers and not sp.stream and root not in followed | parts \
+                    and all(r in flow.fixed or r in flow.gates for r in sp.readers):
+                flow.fixed.add(conv)
+                changed = True
+    bad = {c for c in flow.convs if c not in flow.bn and c not in flow.gates and c not in flow.fixed}
+    for node, what, conv in flow.pending_reads:
+        if conv in bad:
+            raise _err(node, f"{what} reads conv '{conv}' before any BatchNorm: every pruned conv "
+                             "needs its own BatchNorm")
+    for conv in flow.convs:
+        if conv in bad:
+            raise ValueError(f"trace: conv '{conv}' is not followed by a BatchNorm (every pruned conv needs one)")
 
 
 def _output(flow: _Flow, node: fx.Node) -> None:
@@ -490,9 +609,6 @@ def trace_meta(model: nn.Module, example_inputs, name: str | None = None) -> Mod
 def _meta(flow: _Flow, name: str, example_inputs) -> ModelMeta:
     if flow.first_conv is None:
         raise ValueError("trace: no conv reads the model input")
-    for conv in flow.convs:
-        if conv not in flow.bn:
-            raise ValueError(f"trace: conv '{conv}' is not followed by a BatchNorm (every pruned conv needs one)")
     x = example_inputs if isinstance(example_inputs, Tensor) else example_inputs[0]
     h, w = x.shape[-2:]
     classifier = flow.modules[flow.classifier]
@@ -503,20 +619,31 @@ def _meta(flow: _Flow, name: str, example_inputs) -> ModelMeta:
     names = _stream_names(flow, order)
     for conv in order:
         meta.add_conv(conv, flow.bn[conv])
+    for conv in flow.convs:
+        if conv in flow.fixed:
+            meta.fixed.append(conv)
+            if conv in flow.bn:
+                meta.bn[conv] = flow.bn[conv]
     for root in sorted(names, key=lambda r: min(pos[c] for c in flow.spaces[r].convs)):
         sp = flow.spaces[root]
         parent = names[flow.find(sp.parent)] if sp.parent is not None else None
         meta.add_stream(names[root], sp.width, parent=parent, parent_map=list(sp.parent_map))
         for conv in sorted(sp.convs, key=pos.__getitem__):
             meta.produce(conv, names[root])
+    source = _source_names(flow, names)
     for root, sp in _roots(flow):
-        if not sp.readers:
-            continue
-        if root not in names and not sp.convs:
-            raise ValueError("trace: a shortcut's channels are read without being added to a conv output")
-        source = names.get(root) or sp.convs[0]
-        for reader in sorted(sp.readers, key=lambda r: pos.get(r, len(pos))):
-            meta.feed(source, reader)
+        if sp.parts:
+            meta.concats[sp.cat] = ConcatMeta(sp.cat, [source(p) for p in sp.parts],
+                                              [flow.spaces[flow.find(p)].width for p in sp.parts])
+    for module, space in flow.follow.items():
+        meta.follow[module] = source(space)
+        if module in flow.bn:
+            meta.bn[module] = flow.bn[module]
+    meta.frozen = sorted({source(s) for s in flow.frozen})
+    for root, sp in _roots(flow):
+        if sp.readers:
+            for reader in sorted(sp.readers, key=lambda r: pos.get(r, len(pos))):
+                meta.feed(source(root), reader)
     stages: dict[int, int] = {}
     for i, b in enumerate(flow.blocks):
         out = flow.find(b.stream_out)
@@ -526,6 +653,19 @@ def _meta(flow: _Flow, name: str, example_inputs) -> ModelMeta:
     return meta
 
 
+def _source_names(flow: _Flow, names: dict[int, str]):
+    """space -> its name in the meta: a stream's, a concat's node, or the conv that opened it."""
+    def source(space: int) -> str:
+        root = flow.find(space)
+        sp = flow.spaces[root]
+        if root in names or sp.cat:
+            return names.get(root) or sp.cat
+        if not sp.convs:
+            raise ValueError("trace: a shortcut's channels are read without being added to a conv output")
+        return sp.convs[0]
+    return source
+
+
 def _roots(flow: _Flow) -> list[tuple[int, _Space]]:
     return [(i, sp) for i, sp in enumerate(flow.spaces) if flow.root[i] == i]
 
@@ -533,7 +673,7 @@ def _roots(flow: _Flow) -> list[tuple[int, _Space]]:
 def _conv_order(flow: _Flow) -> list[str]:
     """Forward order, a projection conv moved after its block's main branch (the zoo's order)."""
     ds = {b.downsample: b.convs[-1] for b in flow.blocks if b.downsample}
-    order = [c for c in flow.convs if c not in ds]
+    order = [c for c in flow.convs if c not in ds and c not in flow.fixed and c not in flow.gates]
     for conv, after in ds.items():
         order.insert(order.index(after) + 1, conv)
     return order
@@ -548,6 +688,10 @@ def _stream_names(flow: _Flow, order: list[str]) -> dict[int, str]:
     for root, sp in _roots(flow):
         if not sp.stream:
             continue
+        if any(c in flow.fixed or c in flow.gates for c in sp.convs):
+            bad = next(c for c in sp.convs if c in flow.fixed or c in flow.gates)
+            raise ValueError(f"trace: conv '{bad}' (grouped or without BatchNorm) writes into a residual "
+                             "stream, which is not supported")
         if not sp.convs:
             raise ValueError(f"trace: a shortcut's channels (width {sp.width}) are read without being "
                              "added to any conv output")
@@ -593,7 +737,8 @@ def compare_meta(declared: ModelMeta, traced: ModelMeta) -> str | None:
     """The first dataflow difference between a declared and a traced meta, or None. Names,
     family and input size are labels, not dataflow, and are not compared; reader lists are
     compared as sets."""
-    for key in ("num_classes", "first_conv", "classifier", "convs", "bn", "stream_of"):
+    for key in ("num_classes", "first_conv", "classifier", "convs", "bn", "stream_of", "follow",
+                "fixed", "frozen"):
         a, b = getattr(declared, key), getattr(traced, key)
         if a != b:
             return f"{key}: declared {_first_diff(a, b)}, traced {_first_diff(b, a)}"
@@ -601,6 +746,8 @@ def compare_meta(declared: ModelMeta, traced: ModelMeta) -> str | None:
         a, b = sorted(declared.consumers.get(conv, [])), sorted(traced.consumers.get(conv, []))
         if a != b:
             return f"consumers of '{conv}': declared {a}, traced {b}"
+    if declared.concats != traced.concats:
+        return f"concats: declared {declared.concats}, traced {traced.concats}"
     if set(declared.streams) != set(traced.streams):
         return f"streams: declared {sorted(declared.streams)}, traced {sorted(traced.streams)}"
     for s, d in declared.streams.items():

@@ -248,7 +248,7 @@ def test_compaction_of_a_traced_model_is_exact(which, policy, mode):
     assert set(spec["kept"]) == set(model.softprune_meta.convs) and spec["compact_mode"] == mode
 
 
-# -- what the tracer cannot follow ------------------------------------------------------------
+# -- small patterns, and what the tracer cannot follow -----------------------------------------
 
 class _Depthwise(nn.Module):
     def __init__(self) -> None:
@@ -301,10 +301,19 @@ class _DataDependent(nn.Module):
         return self.net(x)
 
 
+@pytest.mark.parametrize("model,followers", [
+    (_Depthwise, {"dw": "stem.0"}),
+    (_SE, {"fc2": "body.0"}),
+])
+def test_the_small_patterns_once_refused_are_now_followed(model, followers):
+    """Depthwise and SE (tests/unit/pruning/test_trace_patterns.py tests them, and concats, in full)."""
+    meta = trace_meta(model(), _image(8))
+    assert meta.follow == followers
+    assert len(build_groups(model(), "sfp", example_inputs=_image(8))) == len(meta.convs)
+
+
 @pytest.mark.parametrize("model,pattern", [
-    (_Depthwise, r"node 'dw' \(call_module dw\): depthwise convolution \(groups=8\) is not supported yet"),
-    (_Cat, r"node 'cat' \(call_function torch.cat\): channel concatenation is not supported yet"),
-    (_SE, r"node 'mul' \(call_function operator.mul\): multiplicative gating .*squeeze-excite.* not supported yet"),
+    (_Cat, r"node 'b_0' \(call_module b.0\): a second layer reads the model input; only one conv may"),
     (_DataDependent, r"^_DataDependent cannot be traced by torch.fx \(TraceError: .*\); attach softprune_meta"),
 ])
 def test_unsupported_models_fail_with_one_line_naming_the_node(model, pattern):
