@@ -115,13 +115,13 @@ def _latency(small, spec: dict, args: argparse.Namespace, size: tuple[int, int],
 
     import torch
 
-    from models import create_model
     from pruning.export import SUFFIX, load_runner, runtime_name, write
     from pruning.fold import fold_for_export
     from pruning.latency import compare, machine
     from pruning.macs import count_flops
+    from pruning.respec import dense_model
 
-    dense = create_model(spec["model"], spec.get("num_classes")).eval()  # timing only: weights do not matter
+    dense = dense_model(spec).eval()  # registered or a user factory's; timing only: weights do not matter
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".dense-export-") as tmp:
         dense_file = write(fold_for_export(dense), args.format, Path(tmp) / f"dense{SUFFIX[args.format]}", size)
 

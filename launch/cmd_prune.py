@@ -3,19 +3,27 @@
 Scores the dense model's filters (its state dict from --weights, or a fresh initialisation),
 selects the masks at --rate (or a PFEC --preset's per-layer rates), compacts, and writes
 model.safetensors + arch.json + report.json into --out, then prints a one-line summary.
+--model is a registered name or a `package.module:factory` (called with --model-kwargs, traced with
+torch.fx at --input-size); a factory's arch.json carries its kwargs, so `load_compact` rebuilds it.
 """
 
 from __future__ import annotations
 
 import argparse
 
+FACTORY_INPUT_SIZE = 224  # a factory's model has no input size of its own: traced and counted here by default
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from pruning.config import COMPACT_MODES, CRITERIA, POLICIES, SCOPES  # the config's own values
 
-    parser.add_argument("--model", required=True, help="registered model name (e.g. resnet56)")
+    parser.add_argument("--model", required=True, help="registered model name (e.g. resnet56), or "
+                        "package.module:factory, a callable that returns the model (traced with torch.fx)")
+    parser.add_argument("--model-kwargs", default="{}", metavar="JSON",
+                        help="keyword arguments of a factory, as a JSON object (e.g. '{\"width\": 16}')")
     parser.add_argument("--weights", help="dense state dict (.safetensors, .pt or .pth); default: fresh init")
-    parser.add_argument("--num-classes", type=int, help="classifier width (default: the family's)")
+    parser.add_argument("--num-classes", type=int, help="classifier width (default: the family's; a factory "
+                        "gets it as num_classes= if it takes that keyword)")
     parser.add_argument("--policy", choices=POLICIES, default="sfp")
     parser.add_argument("--preset", help="PFEC configuration, e.g. resnet56-B (needs --policy pfec)")
     parser.add_argument("--criterion", choices=CRITERIA, default="l2")
@@ -27,9 +35,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exclude", action="append", default=[], help="fnmatch pattern on conv names")
     parser.add_argument("--mode", choices=COMPACT_MODES, default="hard",
                         help="hard: reproduce the hard-masked model; faithful: the soft-masked one")
-    parser.add_argument("--input-size", type=int, help="input size recorded and counted (default: the model's)")
+    parser.add_argument("--input-size", type=int, help="input size recorded and counted (default: the model's; "
+                        f"a factory's model is traced at it, default {FACTORY_INPUT_SIZE})")
     parser.add_argument("--seed", type=int, default=0, help="seed of a fresh initialisation")
     parser.add_argument("--out", required=True, help="output directory")
+
+
+def _model_kwargs(text: str, model: str) -> dict:
+    import json
+
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--model-kwargs: not valid JSON ({exc})") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"--model-kwargs must be a JSON object, got {type(kwargs).__name__}")
+    from pruning.user_model import is_factory
+
+    if kwargs and not is_factory(model):
+        raise ValueError(f"--model-kwargs are for a model factory (package.module:factory), not {model!r}")
+    return kwargs
+
+
+def _dense_model(args: argparse.Namespace, kwargs: dict):
+    """The registered model, or the factory's traced at --input-size (one line naming --model)."""
+    from pruning.user_model import build, is_factory
+
+    if not is_factory(args.model):
+        from models import create_model
+
+        return create_model(args.model, args.num_classes)
+    try:
+        return build(args.model, kwargs, args.num_classes, args.input_size or FACTORY_INPUT_SIZE)
+    except ValueError as exc:
+        raise ValueError(f"--model {args.model}: {exc}") from None
 
 
 def _load_weights(path: str):
@@ -81,17 +120,18 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--rate must be in [0, 1), got {args.rate}")
     import torch
 
-    from models import create_model
     from pruning import (PruningConfig, compact, count_flops, groups_from_config, make_chooser, masked_cost,
                          save_compact)
     from pruning.presets import get_preset
+    from pruning.respec import with_kwargs
 
     if args.preset is not None:
         preset = get_preset(args.preset)
         if args.policy != "pfec":
             raise ValueError(f"--preset {preset.name} is a PFEC configuration: use --policy pfec")
+    kwargs = _model_kwargs(args.model_kwargs, args.model)
     torch.manual_seed(args.seed)
-    model = create_model(args.model, args.num_classes).eval()
+    model = _dense_model(args, kwargs).eval()
     if args.weights:
         _fit(model, _load_weights(args.weights), args.weights, args.model)
     size = args.input_size or model.softprune_meta.input_size
@@ -106,13 +146,14 @@ def run(args: argparse.Namespace) -> int:
     before, after = count_flops(model, size), count_flops(small, size)
     predicted = masked_cost(model, groups, masks, size, mode=args.mode)
     report = {
-        "model": args.model, "policy": args.policy, "preset": args.preset, "criterion": args.criterion,
+        "model": args.model, "model_kwargs": kwargs or None, "policy": args.policy, "preset": args.preset,
+        "criterion": args.criterion,
         "rate": args.rate if args.preset is None else None, "scope": args.scope, "mode": args.mode,
         "weights": args.weights, "input_size": size, "masks_hash": masks.hash(),
         "kept_per_group": masks.kept_counts(), "dense": before.to_dict(), "compact": after.to_dict(),
         "predicted": predicted.to_dict(), **after.to_dict(),
     }
-    out = save_compact(args.out, small, spec, report)
+    out = save_compact(args.out, small, with_kwargs(spec, kwargs), report)
     print(f"{args.model} {args.policy} {args.criterion} "
           f"{'preset ' + args.preset if args.preset else f'P={args.rate:g}'} ({args.mode}): "
           f"params {_human(before.params)} -> {_human(after.params)} "

@@ -298,7 +298,10 @@ class SoftPruning(NoPruning):
         metrics = run.evaluate_candidate(model)
         run.record_stage("compacted_faithful", metrics)
         if run.rank == 0:  # rank-dependent: one writer
-            save_compact(run.checkpoint_files / "faithful", model, spec, {"stage": "compacted_faithful", **metrics})
+            from .model_setup import run_spec
+
+            save_compact(run.checkpoint_files / "faithful", model, run_spec(run.cfg, spec),
+                         {"stage": "compacted_faithful", **metrics})
 
     def compact_and_write(self, run: Run) -> None:
         """Hard-compact the finalized model (compacted at the freeze: the model itself), evaluate
@@ -364,7 +367,8 @@ class HardPruning(NoPruning):
 
     def on_finish(self, run: Run) -> None:
         run.record_stage("compacted_hard" if self.compacted else "final", run.last_eval)
-        write_outputs(run, run.model, _spec(run.model), chosen="hard" if self.compacted else "dense",
+        spec = run.state.arch_spec if self.compacted else _spec(run.model)  # a compact user model has no meta
+        write_outputs(run, run.model, spec, chosen="hard" if self.compacted else "dense",
                       extra={"mask_history": self.history})
 
 

@@ -8,7 +8,9 @@ the frozen-mask fine-tuning or PFEC's retraining pays for). Instead:
    BN buffers, every parameter's moments, the step counters, the loss scale, the LRs; a
    collective under ZeRO 1/2 that leaves the full tensors on every rank anyway);
 2. rebuild the dense model on CPU from the fp32 masters (not the bf16/fp16 module copy) and
-   compact it in hard mode;
+   compact it in hard mode (a traced user model compacts into an fx.GraphModule; its spec, which
+   the checkpoint keeps, names the factory and its kwargs, so a resumed run rebuilds that shape
+   through pruning/respec.py);
 3. cut every moment with the same kept channels as its parameter (`pruning.reslice`);
 4. build the new engine and load the compacted state into it (`engine_state.load`: any ZeRO
    stage and precision).
@@ -36,13 +38,12 @@ State = tuple[dict[str, torch.Tensor], dict[str, Any]]  # (model state, optimize
 def compacted_state(engine, groups, masks, input_size) -> tuple[nn.Module, dict, State]:
     """(compacted CPU model, its spec, its state for `engine_state.load`) of `engine`'s model
     under `masks`, hard mode. Collective: every rank calls it and gets the same result."""
-    from models import arch_spec
     from pruning import compact
-    from pruning.compact import compaction_index, empty_build
+    from pruning.compact import compaction_index
     from pruning.reslice import slice_moments
 
     values, optimizer = engine_state.gather(engine, keep=True)  # sync point under ZeRO 1/2
-    dense = empty_build(arch_spec(engine.module))  # CPU, fp32: filled with the masters below
+    dense = dense_shell(engine.module)  # CPU, fp32: filled with the masters below
     dense.load_state_dict(values, strict=True)
     dense.train(engine.module.training)
     model, spec = compact(dense, groups, masks, mode="hard", input_size=input_size)
@@ -51,6 +52,19 @@ def compacted_state(engine, groups, masks, input_size) -> tuple[nn.Module, dict,
     # cloned: DeepSpeed casts the module it is given (bf16) before `load` writes the fp32 values
     state = {name: t.detach().clone() for name, t in model.state_dict().items()}
     return model, spec, (state, dict(optimizer, moments=moments))
+
+
+def dense_shell(module: nn.Module) -> nn.Module:
+    """A CPU fp32 model of `module`'s (dense) shape whose every tensor is loaded next: a registered
+    model built empty from its spec; a traced user model (no registry builder) copied."""
+    if module.softprune_meta.family != "traced":
+        from models import arch_spec
+        from pruning.compact import empty_build
+
+        return empty_build(arch_spec(module))
+    import copy
+
+    return copy.deepcopy(module).float().cpu()
 
 
 def start_engine(model: nn.Module, cfg, world: int, state: State | None = None):
@@ -67,5 +81,7 @@ def start_engine(model: nn.Module, cfg, world: int, state: State | None = None):
 def compact_run(run: Run, groups, masks) -> None:
     """Hard-compact the run's model and continue in a new engine with the optimizer state cut to
     the kept channels (`run.state.arch_spec` records the new shape). Collective."""
+    from .model_setup import run_spec
+
     model, spec, state = compacted_state(run.engine, groups, masks, run.input_size)
-    run.replace_model(model, spec, state)  # sync point: DeepSpeed init
+    run.replace_model(model, run_spec(run.cfg, spec), state)  # sync point: DeepSpeed init

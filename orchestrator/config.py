@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from data.config import DataConfig
 from pruning.config import PruningConfig
@@ -27,9 +27,13 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    """Which registered architecture to train."""
+    """Which architecture to train: a registered one, or `package.module:factory`, a callable
+    returning any CNN the tracer follows (pruning/user_model.py), called with `kwargs` (and
+    `num_classes=` when the factory takes it). The factory is imported here; whether its model
+    builds and traces is checked before Ray starts (orchestrator/preflight.py)."""
 
     name: str = "resnet20"
+    kwargs: dict[str, Any] = {}  # keyword arguments of a factory (JSON values)
     num_classes: int | None = Field(None, ge=1)  # None: the data section's class count
     pretrained: str | None = None  # path to a state dict (torchvision key layout) to start from
     zero_init_residual: bool = False  # last BN of every residual block starts at 0 (deep nets train sooner)
@@ -38,10 +42,25 @@ class ModelConfig(_Section):
     @classmethod
     def _known(cls, name: str) -> str:
         from models import list_models
+        from pruning.user_model import is_factory, resolve
 
-        if name not in list_models():
-            raise ValueError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
+        if is_factory(name):
+            resolve(name)  # the module imports and the factory exists and is callable
+        elif name not in list_models():
+            raise ValueError(f"unknown model {name!r}; registered: {', '.join(list_models())}, "
+                             f"or package.module:factory")
         return name
+
+    @field_validator("kwargs")
+    @classmethod
+    def _for_factories(cls, kwargs: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        from pruning.user_model import is_factory
+
+        name = info.data.get("name")  # absent when the name itself was refused
+        if kwargs and name is not None and not is_factory(name):
+            raise ValueError(f"only a model factory (package.module:factory) takes kwargs; registered model "
+                             f"{name!r} takes none")
+        return kwargs
 
 
 class OptimConfig(_Section):

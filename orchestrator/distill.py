@@ -62,9 +62,12 @@ def save_self(run) -> None:
     if run.rank == 0:
         from models import arch_spec
 
+        from .model_setup import run_spec
+
         state = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
                  for k, v in run.model.state_dict().items()}
-        torch.save({"spec": arch_spec(run.model), "state": state}, Path(run.checkpoint_files) / SELF_FILE)
+        spec = run_spec(run.cfg, arch_spec(run.model))  # dense here: the first mask event is before any compaction
+        torch.save({"spec": spec, "state": state}, Path(run.checkpoint_files) / SELF_FILE)
 
 
 def _load_self(run) -> Teacher:
@@ -76,9 +79,9 @@ def _load_self(run) -> Teacher:
                                     f"at the first mask event)")
         data = path.read_bytes()
     data = broadcast_bytes(data, src=0)  # sync point
-    from pruning.compact import empty_build
+    from pruning.respec import build
 
     saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    model = empty_build(saved["spec"])
+    model = build(saved["spec"])  # registered or user model
     model.load_state_dict(saved["state"], strict=True)
     return Teacher(model, run.model)

@@ -55,7 +55,10 @@ def build_report(run, model, spec: dict, chosen: str, extra: dict | None = None)
 
 def write_outputs(run, model, spec: dict, chosen: str, extra: dict | None = None) -> str:
     """Every rank calls it (a barrier keeps them together); rank 0 builds and publishes the outputs."""
+    from .model_setup import run_spec
+
     target = output_uri(run.cfg.storage_abspath, run.cfg.name)
+    spec = run_spec(run.cfg, spec)  # a user model's spec names its factory's kwargs too
     if run.rank == 0:  # rank-dependent: one writer
         from pruning import save_compact
 

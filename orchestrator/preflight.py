@@ -9,6 +9,8 @@ anything else (with their `--allow-config-change` / `--verify-shards` flags). It
     HEAD with the manifest's byte count (`data.sources.check_source`; the sha256 of every shard
     only with `verify_shards`, a full read of the data set), the train and val splits give every
     rank at least one batch, and `model.num_classes` covers the manifest's classes;
+  * a `package.module:factory` model builds, is traced at data.image_size (a model the tracer
+    cannot follow fails with the trace's line, naming the fx node) and covers the classes;
   * `model.pretrained` is an existing file; `pruning.teacher` (unless `self`) a complete model
     directory (`arch.json`, `model.safetensors`, `report.json`: a finished run's `final/`);
   * run reuse: if `<storage>/<name>` already holds a run (its `config.yaml`, else its latest
@@ -28,6 +30,7 @@ import time
 from typing import Any
 
 from .config import TrainConfig
+from .model_setup import check_model
 
 # Fields whose change makes a different run: the model, what is pruned and how, the optimiser and
 # schedule, the data and its augmentation, the per-rank batch and accumulation, ZeRO stage and
@@ -56,6 +59,7 @@ def preflight(cfg: TrainConfig, allow_config_change: bool = False, verify_shards
 
     check_storage(cfg.storage_abspath)
     check_data(cfg, verify_shards)
+    check_model(cfg)
     check_pretrained(cfg)
     check_teacher(cfg)
     check_run_reuse(cfg, allow_config_change)

@@ -37,18 +37,18 @@ def find_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def load_model(checkpoint_dir: str | Path) -> tuple[nn.Module, ckpt.RunState]:
-    """The checkpoint's model (rebuilt at its saved shape) with its weights, and its state."""
-    from models import build_from_spec, create_model
+    """The checkpoint's model (rebuilt at its saved shape: a registered model, or a user factory's
+    traced and re-compacted) with its weights, and its state."""
+    from .model_setup import dense_model, saved_model
 
     state = ckpt.read_state(checkpoint_dir)
     cfg = state.config or {}
     if state.arch_spec is not None:
-        model = build_from_spec(state.arch_spec)
+        model = saved_model(cfg.get("model", {}).get("kwargs"), state.arch_spec)
     else:
-        from .model_setup import num_classes
         from .config import TrainConfig
 
-        model = create_model(cfg["model"]["name"], num_classes(TrainConfig.model_validate(cfg)))
+        model = dense_model(TrainConfig.model_validate(cfg))
     model.load_state_dict(ckpt.model_state(checkpoint_dir), strict=True)
     return model.float().eval(), state
 
@@ -115,9 +115,13 @@ def _compact(latest: Path, where: str, mode: str) -> tuple[nn.Module, dict, dict
     """The compacted model, its arch spec and its report, from one local checkpoint directory."""
     from models import arch_spec
     from pruning import MaskSet, PruningConfig, apply_masks, compact, count_flops, groups_from_config
+    from pruning.respec import with_kwargs
 
     model, state = load_model(latest)
-    size = (state.config or {}).get("data", {}).get("image_size") or model.softprune_meta.input_size
+    cfg = state.config or {}
+    # a user model compacted in training is an fx.GraphModule without a meta: its saved spec
+    own = arch_spec(model) if hasattr(model, "softprune_meta") else state.arch_spec
+    size = cfg.get("data", {}).get("image_size") or own["input_size"]
     masks_state = state.algorithm.get("masks")
     if masks_state is not None and state.arch_spec is None:  # masked, not yet compacted in training
         groups = groups_from_config(model, PruningConfig.model_validate(state.config["pruning"]))
@@ -127,7 +131,8 @@ def _compact(latest: Path, where: str, mode: str) -> tuple[nn.Module, dict, dict
             apply_masks(model, groups, masks, hard=True)
         model, spec = compact(model, groups, masks, mode=mode, input_size=size)
     else:
-        spec = arch_spec(model)
+        spec = own
+    spec = with_kwargs(spec, cfg.get("model", {}).get("kwargs"))
     counts = count_flops(model, size)
     report = {"epoch": state.epoch, "compact_mode": mode, "checkpoint": where,
               "dense": state.dense_counts or {}, "pruned": {"params": int(counts.params), "macs": int(counts.macs)},

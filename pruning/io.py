@@ -48,9 +48,9 @@ def save_compact(out_dir: str | Path, model: nn.Module, spec: dict, report: dict
 
 
 def load_compact(out_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, dict, dict]:
-    """Rebuild the compacted model from `arch.json` through the model registry and load its
-    weights strictly; returns (model in eval mode, spec, report)."""
-    from .compact import empty_build
+    """Rebuild the compacted model from `arch.json` (through the model registry, or a user model's
+    factory: pruning/respec.py) and load its weights strictly; returns (model in eval mode, spec, report)."""
+    from .respec import build
 
     out = Path(out_dir)
     missing = [f for f in FILES if not (out / f).is_file()]
@@ -58,6 +58,6 @@ def load_compact(out_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, d
         raise ValueError(f"{out} is not a complete compacted model (missing {', '.join(missing)})")
     spec = json.loads((out / "arch.json").read_text())
     report = json.loads((out / "report.json").read_text())
-    model = empty_build(spec, device)
+    model = build(spec, device)
     model.load_state_dict(load_file(out / "model.safetensors", device=device), strict=True)
     return model.eval(), spec, report
