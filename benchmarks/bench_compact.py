@@ -1,75 +1,159 @@
-"""CPU inference latency of compacted vs dense ResNet-50 at P=30% under `sfp` and `coupled`.
+"""CPU latency of compacted vs dense models: measured speed-up against the MACs ratio.
 
-Batch 8, 224 px, torch threads = cores, eval mode, no grad; each model's latency is the fastest of
-its timed forwards (interleaved rounds after warm-up), all measured in this run. Prints measured speed-up, theoretical
-speed-up (dense MACs / compacted MACs, counted) and their ratio. Target: ratio >= 0.8 for
-`coupled`; `sfp` is reported as it is (the SFP paper saw about 0.75: its residual scatters and
-full-width block inputs remain). The last line is the figure.
+For each policy (`coupled`, `sfp`) and each `round_to` (kept channel counts rounded up to that
+multiple by `pruning.select`), the model pruned at P is compacted and timed beside the dense model
+in three runtimes: torch eager NCHW, torch eager channels_last, and onnxruntime (both models
+through `fold_for_export` and `pruning.export.write`, loaded with `load_runner`). Eval mode, no
+grad, torch's default threads (or --threads). In each runtime and batch, every model runs once per round (dense
+first, then all compacted ones), after one untimed warm-up round; the speed-up is the median over
+rounds of dense time / compact time of the same round, so a change in the machine's load falls on
+both. Each row prints measured speed-up, theoretical (dense MACs / compact MACs, counted) and
+their ratio, the figure: 1.0 means the compacted model runs at its MACs; "fastest" is the same
+ratio from each model's fastest round (the least disturbed by other processes).
+
+  python benchmarks/bench_compact.py                 # resnet50 224px, batches 1 and 8
+  python benchmarks/bench_compact.py --quick         # resnet18 160px, round_to 1 and 8, batch 1 and 4
 """
 
 from __future__ import annotations
 
-import os
+import argparse
+import copy
 import statistics
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import create_model  # noqa: E402
-from pruning import build_groups, compact, count_flops, score, select  # noqa: E402
+from models import create_model
+from pruning import build_groups, compact, count_flops, score, select
+from pruning.export import load_runner, write
+from pruning.fold import fold_for_export
 
-RATE, BATCH, SIZE = 0.3, 8, 224
-REPEATS = int(os.environ.get("BENCH_REPEATS", "5"))
+RUNTIMES = ("eager", "channels_last", "onnx")
 
 
-def latencies_ms(model, x) -> list[float]:
-    with torch.inference_mode():
-        model(x)  # warm-up: oneDNN primitive creation
-        times = []
-        for _ in range(REPEATS):
-            t = time.perf_counter()
-            model(x)
-            times.append((time.perf_counter() - t) * 1e3)
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--rate", type=float, default=0.3)
+    p.add_argument("--policies", default="coupled,sfp")
+    p.add_argument("--round-to", default="1,4,8,16")
+    p.add_argument("--batches", default="1,8", help="batch 1 (latency) and a throughput batch")
+    p.add_argument("--runtimes", default=",".join(RUNTIMES))
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds per runtime and batch")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--quick", action="store_true", help="resnet18 160px, round_to 1,8, batches 1,4, 3 rounds")
+    a = p.parse_args()
+    if a.quick:
+        a.model, a.size, a.round_to, a.batches, a.repeats = "resnet18", 160, "1,8", "1,4", 3
+    a.policies, a.runtimes = a.policies.split(","), a.runtimes.split(",")
+    a.round_to, a.batches = [int(v) for v in a.round_to.split(",")], [int(v) for v in a.batches.split(",")]
+    unknown = set(a.runtimes) - set(RUNTIMES)
+    if unknown:
+        p.error(f"--runtimes: unknown {sorted(unknown)}; choose from {', '.join(RUNTIMES)}")
+    return a
+
+
+def compacted(dense, a) -> dict[str, torch.nn.Module]:
+    """{"dense": dense, "<policy> r<round_to>": compacted model} in eval mode."""
+    models = {"dense": dense}
+    for policy in a.policies:
+        groups = build_groups(dense, policy)
+        scores = score(groups, dict(dense.named_parameters()), "l2")
+        for r in a.round_to:
+            masks = select(groups, scores, a.rate, round_to=r)
+            models[f"{policy} r{r}"] = compact(dense, groups, masks, "hard", input_size=a.size)[0].eval()
+    return models
+
+
+def runner(runtime: str, model, size: int, tmp: Path, name: str) -> Callable[[torch.Tensor], object]:
+    if runtime == "onnx":
+        path = write(fold_for_export(model), "onnx", tmp / f"{name.replace(' ', '_')}.onnx", size)
+        return load_runner("onnx", path)
+    if runtime == "channels_last":
+        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+
+    def run(x: torch.Tensor) -> object:
+        with torch.inference_mode():
+            if runtime == "channels_last":  # the layout change is part of what a caller pays
+                x = x.contiguous(memory_format=torch.channels_last)
+            return model(x)
+
+    return run
+
+
+def rounds(runs: dict[str, Callable], x: torch.Tensor, repeats: int) -> dict[str, list[float]]:
+    """Seconds per forward, one of each run per round, after one untimed round."""
+    for run in runs.values():
+        run(x)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run(x)
+            times[name].append(time.perf_counter() - start)
     return times
 
 
 def main() -> None:
-    torch.set_num_threads(os.cpu_count() or 1)
+    a = parse()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    dense = create_model("resnet50").eval()
-    x = torch.randn(BATCH, 3, SIZE, SIZE)
-    dense_macs = count_flops(dense, SIZE).macs
-    models = {}
-    for policy in ("sfp", "coupled"):
-        groups = build_groups(dense, policy)
-        masks = select(groups, score(groups, dict(dense.named_parameters()), "l2"), RATE)
-        models[policy] = compact(dense, groups, masks, "hard", input_size=SIZE)[0].eval()
-    print(f"resnet50 batch {BATCH} {SIZE}px, torch threads={torch.get_num_threads()}, "
-          f"best of 3 x {REPEATS} forwards")
-    # Interleaved rounds, and the minimum: on a shared CPU other processes only ever add time,
-    # so the fastest forward is the closest to each model's own cost.
-    runs = {"dense": [], "sfp": [], "coupled": []}
-    for _ in range(3):
-        runs["dense"] += latencies_ms(dense, x)
-        for policy, model in models.items():
-            runs[policy] += latencies_ms(model, x)
-    print("spread (median/min): " + ", ".join(
-        f"{k} {statistics.median(v) / min(v):.2f}" for k, v in runs.items()))
-    base = min(runs["dense"])
-    print(f"dense: {base:.0f} ms, {dense_macs / 1e9:.2f} GMACs")
-    figures = []
-    for policy, model in models.items():
-        ms = min(runs[policy])
-        macs = count_flops(model, SIZE).macs
-        measured, theory = base / ms, dense_macs / macs
-        print(f"{policy}: {ms:.0f} ms, {macs / 1e9:.2f} GMACs, measured speed-up {measured:.2f}x, "
-              f"theoretical {theory:.2f}x, measured/theoretical {measured / theory:.2f}")
-        figures.append(f"{policy} {measured:.2f}x/{theory:.2f}x = {measured / theory:.2f}")
-    print("measured/theoretical speed-up at P=0.3: " + ", ".join(figures) + " (target coupled >= 0.8)")
+    dense = create_model(a.model).eval()
+    models = compacted(dense, a)
+    macs = {name: count_flops(m, a.size).macs for name, m in models.items()}
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[:3]
+    print(f"{a.model} {a.size}px P={a.rate}, torch {torch.__version__} threads={torch.get_num_threads()}, "
+          f"{a.repeats} rounds, load average {' '.join(load)}")
+    print(f"{'model':<14}{'runtime':<15}{'batch':>5}{'dense ms':>10}{'compact ms':>11}{'measured':>9}"
+          f"{'theory':>8}{'meas/theory':>12}{'fastest':>8}")
+    figures: dict[tuple[str, str, int], float] = {}
+    compact_ms: dict[tuple[str, str, int], float] = {}
+    with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parents[1] / ".cache") as tmp:
+        for runtime in a.runtimes:
+            runs = {name: runner(runtime, m, a.size, Path(tmp), name) for name, m in models.items()}
+            for batch in a.batches:
+                x = torch.randn(batch, 3, a.size, a.size, generator=torch.Generator().manual_seed(batch))
+                t = rounds(runs, x, a.repeats)
+                base = statistics.median(t["dense"]) * 1e3
+                for name in models:
+                    if name == "dense":
+                        continue
+                    measured = statistics.median(d / c for d, c in zip(t["dense"], t[name]))
+                    theory = macs["dense"] / macs[name]
+                    ms = statistics.median(t[name]) * 1e3
+                    # on a loaded machine the fastest forward is the one least slowed by others
+                    fastest = min(t["dense"]) / min(t[name]) / theory
+                    figures[name, runtime, batch], compact_ms[name, runtime, batch] = measured / theory, ms
+                    print(f"{name:<14}{runtime:<15}{batch:>5}{base:>10.1f}{ms:>11.1f}{measured:>8.2f}x"
+                          f"{theory:>7.2f}x{measured / theory:>12.2f}{fastest:>8.2f}", flush=True)
+    summary(a, figures, compact_ms)
+
+
+def summary(a, figures: dict, compact_ms: dict) -> None:
+    """Per policy and batch: the fastest compacted (round_to, runtime), and each runtime's figure
+    at round_to 1 beside its best round_to."""
+    for policy in a.policies:
+        for batch in a.batches:
+            keys = [k for k in compact_ms if k[0].startswith(policy + " ") and k[2] == batch]
+            name, runtime, _ = min(keys, key=compact_ms.get)
+            parts = []
+            for rt in a.runtimes:
+                best = max((k for k in keys if k[1] == rt), key=figures.get)
+                parts.append(f"{rt} r1 {figures[f'{policy} r1', rt, batch]:.2f}"
+                             f" best {best[0].split()[1]} {figures[best]:.2f}" if (f"{policy} r1", rt, batch)
+                             in figures else f"{rt} best {best[0].split()[1]} {figures[best]:.2f}")
+            print(f"{policy} batch {batch}: fastest {name.split()[1]} {runtime} "
+                  f"({compact_ms[name, runtime, batch]:.1f} ms); meas/theory " + ", ".join(parts))
 
 
 if __name__ == "__main__":

@@ -58,15 +58,27 @@ class Scatter(nn.Module):
         self.register_buffer("bias", torch.zeros(width) if bias else None)
 
     def forward(self, x: Tensor, base: Tensor | None = None) -> Tensor:
-        if base is None:
-            base = x.new_zeros(x.shape[0], self.width, *x.shape[2:])
-        out = base.index_add(1, self.index, x)
+        if _channels_last(x):
+            # On a channels_last tensor, index_add over dim 1 writes element by element and
+            # returns NCHW (the next conv then reorders); over the last dim of the NHWC view it is
+            # ~10x faster (bench_compact.py) and the output stays channels_last.
+            n, _, h, w = x.shape
+            base_nhwc = x.new_zeros(n, h, w, self.width) if base is None else base.permute(0, 2, 3, 1)
+            out = base_nhwc.index_add(3, self.index, x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        else:
+            if base is None:
+                base = x.new_zeros(x.shape[0], self.width, *x.shape[2:])
+            out = base.index_add(1, self.index, x)
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1, 1).to(out.dtype)
         return out
 
     def extra_repr(self) -> str:
         return f"{len(self.index)} -> {self.width}, bias={self.bias is not None}"
+
+
+def _channels_last(x: Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 class ShortcutA(nn.Module):

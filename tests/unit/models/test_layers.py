@@ -32,3 +32,16 @@ def test_shortcut_a_dense_matches_option_a_padding():
     ref = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 8, 8))
     sc = ShortcutA(range(16), [c + 8 for c in range(16)], width=32, stride=2)
     torch.testing.assert_close(sc(x), ref)
+
+
+def test_scatter_on_channels_last_input_matches_nchw_and_keeps_the_layout():
+    g = torch.Generator().manual_seed(0)
+    s = Scatter([5, 1, 3], width=6, bias=True)
+    s.bias.copy_(torch.randn(6, generator=g))
+    x = torch.randn(2, 3, 4, 5, generator=g)
+    base = torch.randn(2, 6, 4, 5, generator=g)
+    for b in (None, base):
+        want = s(x, b)
+        got = s(x.to(memory_format=torch.channels_last), None if b is None else b.to(memory_format=torch.channels_last))
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
