@@ -2,31 +2,38 @@
 
 Makes N photo-like JPEGs (about 500x375, quality 90, smooth content plus noise), writes them as
 shards twice (original bytes, and `--max-side`), then measures in one run:
-  1. one loader worker producing 224 px train batches: a naive pipeline (full decode, crop,
+  1. one loader worker producing 224 px train batches: a naive pipeline (full PIL decode, crop,
      resize, float conversion and normalisation in the worker) and then each of our steps added
-     in turn (uint8 out, crop+resize in one call, DCT-domain downscale per crop, decoding only
-     the crop's rows), all reading the same shards;
+     in turn: the PIL path (uint8 out, crop+resize in one call, DCT-domain downscale per crop,
+     decoding only the crop's rows; the fallback without simplejpeg), then data.fastdecode
+     (simplejpeg's SIMD libjpeg-turbo at the DCT scale the crop allows + torch's uint8 resize,
+     channels-first out; then cutting the rows below the crop = the default), and libjpeg's fast
+     DCT and chroma upsampling on top (measured, not kept), all reading the same shards;
   2. our real loader (data.make_train_loader, 1 worker) on the original and the --max-side
-     shards against the naive pipeline on the original shards: the end-to-end gain;
+     shards, on the default path and on the PIL path, against the naive pipeline on the original
+     shards: the end-to-end gain;
   3. our real loader with 1 vs 2 workers, and the same against the old loader (fork per pass);
-  4. the share of our per-image time spent inside libjpeg (the floor Python cannot remove);
+  4. the share of our per-image time spent inside simplejpeg (the floor Python cannot remove);
   5. what a pass costs to start, on a short epoch (--startup-images, 2 workers): the old loader
      (a new DataLoader per pass, workers forked each time; kept here only, as `ForkPerPassLoader`)
      against the persistent workers of today (spawn, the default; forkserver for comparison):
      time from iter() to the first batch, and the whole short epoch, first pass apart (it starts
      the persistent workers), median of the later ones, and the old/new ratio.
-Throughput is counted from the first batch on (worker start-up excluded), best of --repeat runs,
-variants interleaved so that background load hits them alike. The real loader is measured on its
-second pass (its persistent workers are started by a first, unmeasured one). Every CPU figure is
-the workers' CPU time over the measured pass (psutil), so spawn's one-off start is not in it.
-The start-up ratio and the --max-side end-to-end ratio are printed last.
+--quick runs parts 1, 2 and 4 only. Throughput is counted from the first batch on (worker
+start-up excluded). Every job runs once per round, --repeat rounds, the jobs interleaved within a
+round so that background load hits them alike; each ratio is taken against naive in the same
+round, and the table gives the median ratio with its lowest and highest. The real loader is
+measured on its second pass (its persistent workers are started by a first, unmeasured one). Every
+CPU figure is the workers' CPU time over the measured pass (psutil), so spawn's one-off start is
+not in it. The --max-side end-to-end ratio per worker CPU-second (per core) is printed last.
 
-    python benchmarks/bench_loader.py [--images 512] [--max-side 384] [--repeat 3] [--startup-epochs 8]
+    python benchmarks/bench_loader.py [--images 512] [--max-side 384] [--repeat 3] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import os
 import sys
@@ -43,8 +50,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data import DataConfig, make_train_loader, write_imagenet_shards  # noqa: E402
-from data.decode import _draft, _load_rows, decode_crop, open_image  # noqa: E402
+from data import fastdecode  # noqa: E402
+from data.decode import decode_crop, open_image  # noqa: E402
 from data.loader import StreamingLoader  # noqa: E402
+from data.stream import StreamSpec  # noqa: E402
 from data.sources import resolve_source  # noqa: E402
 from data.tario import read_range  # noqa: E402
 from data.config import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
@@ -96,23 +105,37 @@ def naive(data: bytes, rng) -> np.ndarray:
 
 def steps(draft: bool, fused: bool, rows: bool):
     def ours(data: bytes, rng) -> np.ndarray:
+        flip = bool(rng.random() < 0.5)
         return decode_crop(data, lambda w, h: random_resized_crop_box(w, h, rng), SIZE,
-                           flip=bool(rng.random() < 0.5), draft=draft, fused=fused, rows=rows)
+                           flip=flip, draft=draft, fused=fused, rows=rows)
     return ours
 
 
+def simd(rows: bool, fast_dct: bool = False):
+    """data.fastdecode: simplejpeg (DCT scale per crop) + torch's resize, channels-first out."""
+    def ours(data: bytes, rng) -> np.ndarray:
+        flip = bool(rng.random() < 0.5)
+        return fastdecode.decode_crop_chw(data, lambda w, h: random_resized_crop_box(w, h, rng), SIZE,
+                                          flip, rows=rows, fast_dct=fast_dct)
+    return ours
+
+
+# (name, per-image function, layout of what it returns: "float" CHW float32, "hwc" or "chw" uint8)
 LADDER = [
-    ("naive: full decode, crop, resize, float+normalise in worker", naive, True),
-    ("+ uint8 out (normalise on the device)", steps(False, False, False), False),
-    ("+ crop and resize in one call", steps(False, True, False), False),
-    ("+ DCT-domain downscale chosen per crop (draft)", steps(True, True, False), False),
-    ("+ decode only the crop's rows (= ours)", steps(True, True, True), False),
+    ("naive: full decode, crop, resize, float+normalise in worker", naive, "float"),
+    ("+ uint8 out (normalise on the device)", steps(False, False, False), "hwc"),
+    ("+ crop and resize in one call", steps(False, True, False), "hwc"),
+    ("+ DCT-domain downscale chosen per crop (draft)", steps(True, True, False), "hwc"),
+    ("+ decode only the crop's rows (= the PIL path, the fallback)", steps(True, True, True), "hwc"),
+    ("simplejpeg (SIMD, DCT scale per crop) + torch uint8 resize, CHW out", simd(False), "chw"),
+    ("+ decode only the crop's rows (= ours, default)", simd(True), "chw"),
+    ("+ libjpeg's fast DCT and chroma upsampling (not kept)", simd(True, True), "chw"),
 ]
 
 
 class BenchStream(IterableDataset):
-    def __init__(self, urls, counts, fn, as_float, batch):
-        self.urls, self.counts, self.fn, self.as_float, self.batch = urls, counts, fn, as_float, batch
+    def __init__(self, urls, counts, fn, layout, batch):
+        self.urls, self.counts, self.fn, self.layout, self.batch = urls, counts, fn, layout, batch
 
     def __iter__(self):
         rng = np.random.default_rng(0)
@@ -125,9 +148,9 @@ class BenchStream(IterableDataset):
                     out = []
 
     def _stack(self, arrays):
-        if self.as_float:
-            return torch.from_numpy(np.stack(arrays))
-        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        if self.layout == "hwc":
+            return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        return torch.from_numpy(np.stack(arrays))
 
 
 def worker_cpu() -> dict[int, float]:
@@ -165,18 +188,21 @@ def rate(batches, batch_size: int, count: int) -> tuple[float, float]:
     return wall, count * batch_size / cpu
 
 
-def ladder_rate(shards, fn, as_float, batch) -> tuple[float, float]:
-    stream = BenchStream(shards.urls, shards.counts, fn, as_float, batch)
+def ladder_rate(shards, fn, layout, batch) -> tuple[float, float]:
+    stream = BenchStream(shards.urls, shards.counts, fn, layout, batch)
     loader = DataLoader(stream, batch_size=None, num_workers=1, prefetch_factor=4)
     return rate(loader, batch, shards.total // batch)
 
 
-def loader_rate(source: str, workers: int, batch: int, old: bool = False) -> tuple[float, float]:
-    """Our loader's second pass (the first starts its persistent workers); `old`: fork per pass."""
+def loader_rate(source: str, workers: int, batch: int, old: bool = False, pil: bool = False) -> tuple[float, float]:
+    """Our loader's second pass (the first starts its persistent workers); `old`: fork per pass;
+    `pil`: the PIL path (what runs where simplejpeg is not installed)."""
     cfg = DataConfig(train=source, image_size=SIZE, batch_size=batch, num_workers=workers,
                      shuffle_buffer=256, prefetch_factor=4)
     loader = (ForkPerPassLoader(resolve_source(source, "train"), cfg, 0, 1, True) if old
               else make_train_loader(cfg, 0, 1))
+    if pil:
+        loader._planner = without_simd(loader._planner)
     try:
         for epoch in (0, 1):
             loader.set_epoch(epoch)
@@ -184,6 +210,11 @@ def loader_rate(source: str, workers: int, batch: int, old: bool = False) -> tup
         return result
     finally:
         loader.close()
+
+
+def without_simd(planner):
+    spec: StreamSpec = dataclasses.replace(planner.spec, fast_decode=False)
+    return dataclasses.replace(planner, spec=spec)
 
 
 class ForkPerPassLoader(StreamingLoader):
@@ -255,17 +286,16 @@ def print_startup(times: dict, images: int, batches: int) -> None:
 
 
 def decode_share(shards, limit: int = 200) -> tuple[float, float]:
-    """(share of our per-image time inside libjpeg, ms per image), measured in-process."""
+    """(share of our per-image time spent decoding (simplejpeg), ms per image), in-process."""
     datas = [e["jpg"] for u, c in zip(shards.urls, shards.counts) for _, e in read_range(u, 0, c)][:limit]
     rng = np.random.default_rng(1)
     boxes = [random_resized_crop_box(*open_image(d).size, rng) for d in datas]
-    fn = steps(True, True, True)
+    fn = simd(True)
     best_dec, best_all = 1e9, 1e9
     for _ in range(3):
         t0 = time.process_time()
         for d, box in zip(datas, boxes):
-            img = open_image(d)
-            _load_rows(img, d, _draft(img, box, SIZE), SIZE)
+            fastdecode.decode_for_crop(d, lambda w, h, box=box: box, SIZE)
         t1 = time.process_time()
         for d in datas:
             fn(d, rng)
@@ -274,14 +304,29 @@ def decode_share(shards, limit: int = 200) -> tuple[float, float]:
     return best_dec / best_all, 1000 * best_all / len(datas)
 
 
-def best_of(repeat: int, jobs: dict) -> dict:
-    """Run every job `repeat` times, interleaved, and keep each one's best (wall, cpu) rates."""
-    best = {k: (0.0, 0.0) for k in jobs}
+def interleaved(repeat: int, jobs: dict) -> dict[str, list[tuple[float, float]]]:
+    """Every job's (wall, cpu) rates in each of `repeat` rounds, the jobs interleaved per round."""
+    runs = {k: [] for k in jobs}
     for _ in range(repeat):
         for key, job in jobs.items():
-            wall, cpu = job()
-            best[key] = (max(best[key][0], wall), max(best[key][1], cpu))
-    return best
+            runs[key].append(job())
+    return runs
+
+
+def summary(runs: list[tuple[float, float]], base: list[tuple[float, float]], col: int) -> tuple[float, float, float, float]:
+    """(median rate, median ratio to `base` of the same round, lowest, highest ratio) of column
+    `col` (0: per wall second, 1: per worker CPU-second)."""
+    ratios = [r[col] / b[col] for r, b in zip(runs, base)]
+    return float(np.median([r[col] for r in runs])), float(np.median(ratios)), min(ratios), max(ratios)
+
+
+def print_table(runs: dict, base_key: str, title: str) -> None:
+    print(f"\n{title}\n  images per worker CPU-second (median; x naive: median [min-max] of the per-round ratios)"
+          " | images per wall second (median, x naive median)")
+    for name, series in runs.items():
+        cpu, ratio, lo, hi = summary(series, runs[base_key], 1)
+        wall, wratio, _, _ = summary(series, runs[base_key], 0)
+        print(f"  {cpu:7.1f} ({ratio:4.2f}x [{lo:4.2f}-{hi:4.2f}]) | {wall:7.1f} ({wratio:4.2f}x)  {name}")
 
 
 def main() -> None:
@@ -294,7 +339,11 @@ def main() -> None:
     parser.add_argument("--startup-epochs", type=int, default=8, help="passes per mode in part 5")
     parser.add_argument("--startup-batch", type=int, default=8, help="batch of part 5 (small: start-up shows)")
     parser.add_argument("--workdir", default=str(ROOT / ".cache" / "bench_loader"))
+    parser.add_argument("--quick", action="store_true",
+                        help="parts 1, 2 and 4 only (no worker scaling, old loader or start-up parts)")
     args = parser.parse_args()
+    if not fastdecode.available():
+        sys.exit("simplejpeg is not installed: pip install -e '.[simd]' (the PIL path is measured either way)")
     work = Path(args.workdir)
     make_images(work / "src", args.images)
     orig = write_imagenet_shards(work / "src", work / "orig", shard_size=args.images // 4, workers=2, progress=False)
@@ -305,37 +354,50 @@ def main() -> None:
     mean_kb = sum(shards.bytes) / shards.total / 1024
     print(f"{shards.total} images, ~500x375 q90, {mean_kb:.0f} KiB/image in shards; "
           f"--max-side {args.max_side}: {sum(small_shards.bytes) / small_shards.total / 1024:.0f} KiB/image; "
-          f"batch {args.batch}, {SIZE} px train crops, {os.cpu_count()} CPUs, best of {args.repeat}")
+          f"batch {args.batch}, {SIZE} px train crops, {os.cpu_count()} CPUs, {args.repeat} interleaved rounds; "
+          f"load average at start {os.getloadavg()[0]:.1f}")
 
-    jobs = {name: (lambda fn=fn, fl=fl: ladder_rate(shards, fn, fl, args.batch)) for name, fn, fl in LADDER}
+    small_key = f"ours, real loader, --max-side {args.max_side} shards"
+    jobs = {name: (lambda fn=fn, lay=lay: ladder_rate(shards, fn, lay, args.batch)) for name, fn, lay in LADDER}
+    jobs["ours, real loader, original shards, PIL path (no simplejpeg)"] = \
+        lambda: loader_rate(str(orig), 1, args.batch, pil=True)
     jobs["ours, real loader, original shards"] = lambda: loader_rate(str(orig), 1, args.batch)
-    jobs[f"ours, real loader, --max-side {args.max_side} shards"] = lambda: loader_rate(str(small), 1, args.batch)
-    jobs["ours, real loader, original shards, 2 workers"] = lambda: loader_rate(str(orig), 2, args.batch)
-    jobs[OLD_1] = lambda: loader_rate(str(orig), 1, args.batch, old=True)
-    jobs[OLD_2] = lambda: loader_rate(str(orig), 2, args.batch, old=True)
-    best = best_of(args.repeat, jobs)
-    base_wall, base_cpu = best[LADDER[0][0]]
-    print("\n1 worker process: images per worker CPU-second (x naive) | images per wall second (x naive)")
-    for name, (wall, cpu) in best.items():
-        if "2 workers" not in name:
-            print(f"  {cpu:7.1f} ({cpu / base_cpu:4.2f}x) | {wall:7.1f} ({wall / base_wall:4.2f}x)  {name}")
+    jobs[f"{small_key}, PIL path (no simplejpeg)"] = lambda: loader_rate(str(small), 1, args.batch, pil=True)
+    jobs[small_key] = lambda: loader_rate(str(small), 1, args.batch)
+    if not args.quick:
+        jobs["ours, real loader, original shards, 2 workers"] = lambda: loader_rate(str(orig), 2, args.batch)
+        jobs[OLD_1] = lambda: loader_rate(str(orig), 1, args.batch, old=True)
+        jobs[OLD_2] = lambda: loader_rate(str(orig), 2, args.batch, old=True)
+    runs = interleaved(args.repeat, jobs)
+    naive_key = LADDER[0][0]
+    print_table({k: v for k, v in runs.items() if "2 workers" not in k}, naive_key,
+                "1 worker process; every ratio is against naive on the original shards in the same round")
+    for label, sh in (("original", shards), (f"--max-side {args.max_side}", small_shards)):
+        share, ms = decode_share(sh)
+        print(f"simplejpeg decoding share of our per-image time ({label} shards): {100 * share:.0f}% of {ms:.2f} ms")
+    if not args.quick:
+        print_workers(runs, args)
+    cpu, ratio, lo, hi = summary(runs[small_key], runs[naive_key], 1)
+    _, wratio, _, _ = summary(runs[small_key], runs[naive_key], 0)
+    print(f"--max-side {args.max_side} end-to-end (our loader on --max-side shards vs naive on original "
+          f"shards, 1 worker): {ratio:.2f}x per worker CPU-second, median of {args.repeat} rounds "
+          f"[{lo:.2f}-{hi:.2f}] ({wratio:.2f}x wall); load average now {os.getloadavg()[0]:.1f}")
+
+
+def print_workers(runs: dict, args) -> None:
+    best = {k: (max(r[0] for r in v), max(r[1] for r in v)) for k, v in runs.items()}
     one, two = best["ours, real loader, original shards"][0], best["ours, real loader, original shards, 2 workers"][0]
-    print(f"\nworkers (wall clock, needs 2 idle cores): 1 -> {one:.1f} img/s, 2 -> {two:.1f} img/s: "
+    print(f"\nworkers (wall clock, best round, needs 2 idle cores): 1 -> {one:.1f} img/s, 2 -> {two:.1f} img/s: "
           f"{two / one:.2f}x; load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     (w1, c1), (w2, _), cpu_one = best[OLD_1], best[OLD_2], best["ours, real loader, original shards"][1]
     print(f"persistent spawn workers vs the old fork per pass, same run: 1 worker {one / w1:.2f}x wall, "
           f"{cpu_one / c1:.2f}x per worker CPU-second; 2 workers {two / w2:.2f}x wall")
-    for label, s in (("original", shards), (f"--max-side {args.max_side}", small_shards)):
-        share, ms = decode_share(s)
-        print(f"JPEG decoding share of our per-image time ({label} shards): {100 * share:.0f}% of {ms:.2f} ms")
+    work = Path(args.workdir)
     make_images(work / "short_src", args.startup_images)  # the first images of src, again
     short = write_imagenet_shards(work / "short_src", work / "short", shard_size=args.startup_images // 4,
                                   max_side=args.max_side, workers=2, progress=False)
     times = startup_costs(str(short), args.startup_batch, args.startup_epochs)
     print_startup(times, args.startup_images, args.startup_images // args.startup_batch)
-    wall, cpu = best[f"ours, real loader, --max-side {args.max_side} shards"]
-    print(f"--max-side {args.max_side} end-to-end (our loader on --max-side shards vs naive on original "
-          f"shards, 1 worker): {cpu / base_cpu:.2f}x per worker CPU-second ({wall / base_wall:.2f}x wall)")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""JPEG decoding fused with the crop: decode only as many pixels as the crop needs.
+"""JPEG decoding fused with the crop, with PIL: decode only as many pixels as the crop needs.
+
+The loader's path for what `data.fastdecode` (simplejpeg) does not take: everything where
+simplejpeg is not installed, and non-JPEG, CMYK or damaged files where it is.
 
 libjpeg can decode at 1/2, 1/4 or 1/8 scale inside the inverse DCT (PIL's `draft`), which is far
 cheaper than decoding at full size and resizing afterwards. We pick that scale per crop: the

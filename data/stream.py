@@ -23,6 +23,7 @@ import torch
 import webdataset.tariterators  # noqa: F401
 from torch.utils.data import IterableDataset, get_worker_info
 
+from data import fastdecode
 from data.decode import decode_crop, decode_full
 from data.plan import WorkerPlan, batches_done, buffer_order, plan_train, plan_val, stream_seed
 from data.position import MAX_PHASES, Phase, remaining
@@ -53,26 +54,43 @@ class StreamSpec:
     shard_counts: dict  # url -> samples in the whole shard (denominator of the bad fraction)
     num_classes: int | None
     phase: int = 0  # which phase of the epoch this pass plays (seeds; data.plan.stream_seed)
+    fast_decode: bool = True  # JPEGs through data.fastdecode when simplejpeg is installed (else PIL)
 
 
 class ImageTransform:
-    """bytes -> uint8 HxWx3 array of side `size`, with the augmentation of the spec."""
+    """bytes -> uint8 3xSxS array of side `size`, with the augmentation of the spec.
+
+    JPEGs go through `data.fastdecode` (simplejpeg) when it is installed and takes the file, else
+    through PIL (`data.decode`); both sample the same crop and flip from `rng`.
+    """
 
     def __init__(self, spec: StreamSpec):
         self.spec = spec
+        self.fast = spec.fast_decode and fastdecode.available()
 
     def __call__(self, data: bytes, rng: np.random.Generator) -> np.ndarray:
         s = self.spec
         if s.transform == "cifar":
             image = decode_full(data, s.image_size)
-            if not s.train:
-                return image
-            image = pad_crop(image, pad_crop_offsets(rng))
-            return image[:, ::-1] if rng.random() < 0.5 else image
-        if not s.train:
-            return decode_crop(data, lambda w, h: centre_crop_box(w, h, s.crop_fraction), s.image_size)
-        return decode_crop(data, lambda w, h: random_resized_crop_box(w, h, rng), s.image_size,
-                           flip=bool(rng.random() < 0.5))
+            if s.train:
+                image = pad_crop(image, pad_crop_offsets(rng))
+                image = image[:, ::-1] if rng.random() < 0.5 else image
+            return image.transpose(2, 0, 1)
+        flip = s.train and bool(rng.random() < 0.5)  # drawn before the box, as it always was
+        boxes: dict = {}
+
+        def box_fn(w: int, h: int):
+            # Sampled once per image: a file simplejpeg gives up on after sampling goes to PIL
+            # with the same box, and the generator advances the same way on either path.
+            if (w, h) not in boxes:
+                boxes[w, h] = (random_resized_crop_box(w, h, rng) if s.train
+                               else centre_crop_box(w, h, s.crop_fraction))
+            return boxes[w, h]
+
+        image = fastdecode.decode_crop_chw(data, box_fn, s.image_size, flip) if self.fast else None
+        if image is None:  # no simplejpeg, or a file it does not take: PIL
+            image = decode_crop(data, box_fn, s.image_size, flip=flip).transpose(2, 0, 1)
+        return image
 
 
 class _SampleSource:
@@ -215,7 +233,7 @@ class EpochStream(IterableDataset):
 
     def _decode(self, items, transform, rng, source, bad):
         size, side = self.spec.batch_size, self.spec.image_size
-        images = np.zeros((size, side, side, 3), dtype=np.uint8)
+        images = np.zeros((size, 3, side, side), dtype=np.uint8)
         labels = np.zeros(size, dtype=np.int64)
         valid = np.zeros(size, dtype=bool)
         for slot, (pos, entry) in enumerate(items):
@@ -225,9 +243,8 @@ class EpochStream(IterableDataset):
                 valid[slot] = True
             except Exception as exc:  # any decoder failure is a bad sample, counted below
                 bad.add(source.url_of(pos), f"{type(exc).__name__}: {exc}")
-        # One copy per batch to NCHW; costs little next to decoding and keeps the batch contiguous.
-        batch = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-        return batch, torch.from_numpy(labels), torch.from_numpy(valid)
+        # The transforms hand back channels-first images: the batch is NCHW as filled.
+        return torch.from_numpy(images), torch.from_numpy(labels), torch.from_numpy(valid)
 
     def _fill_bad(self, images, labels, valid, items, transform, rng, reserve) -> None:
         """Train only: a bad slot gets another readable sample of the same batch (or, if the whole
@@ -240,7 +257,7 @@ class EpochStream(IterableDataset):
         donors = [parse_sample(items[i][1], self.spec.num_classes) for i in good] or reserve.samples()
         for k, slot in enumerate(holes):
             data, label = donors[k % len(donors)]
-            images[slot] = torch.from_numpy(np.ascontiguousarray(transform(data, rng))).permute(2, 0, 1)
+            images[slot] = torch.from_numpy(np.ascontiguousarray(transform(data, rng)))
             labels[slot] = label
 
 
