@@ -73,6 +73,9 @@ def _worker(rank: int, world: int, store: str, job: dict) -> None:
         for stage, precision in job["cases"]:  # one process group serves every case: spawns are slow
             _case(rank, world, dict(job, stage=stage, precision=precision,
                                     out=str(Path(job["out"]) / f"{stage}-{precision}")))
+        # every rank done with gloo before any tears it down: once, a rank exiting while its
+        # peer still closed its pairs aborted with "terminate called without an active exception"
+        dist.barrier()
     except Exception as exc:  # noqa: BLE001 - the parent reads the message
         (Path(job["out"]) / f"error_{rank}.txt").write_text(f"{type(exc).__name__}: {exc}")
     finally:
