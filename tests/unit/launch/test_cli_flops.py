@@ -35,3 +35,18 @@ def test_console_script_entry_point():
     proc = subprocess.run([sys.executable, "-m", "launch.cli", "flops", "resnet56"],
                           capture_output=True, text=True, check=True)
     assert "resnet56 @ 32px" in proc.stdout and "MACs 0.1255 G" in proc.stdout
+
+
+def test_flops_of_a_factory_model_counts_what_it_builds(capsys):
+    args = ["flops", "tests.user_models:small_net", "--model-kwargs", '{"width": 4}', "--input-size", "32", "--json"]
+    assert main(args) == 0
+    narrow = json.loads(capsys.readouterr().out)
+    assert main([*args[:3], '{"width": 8}', *args[4:]]) == 0
+    wide = json.loads(capsys.readouterr().out)
+    assert narrow["model"] == "tests.user_models:small_net" and narrow["input_size"] == 32
+    assert 3 * narrow["macs"] < wide["macs"] < 5 * narrow["macs"]  # conv MACs grow with width squared
+
+
+def test_flops_refuses_kwargs_for_a_registered_model(capsys):
+    assert main(["flops", "resnet20", "--model-kwargs", '{"width": 4}']) == 2
+    assert "--model-kwargs are for a model factory" in capsys.readouterr().err
