@@ -22,7 +22,6 @@ import copy
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from models import create_model
 from pruning import build_groups, compact, count_flops, score, select
 from pruning.export import load_runner, write
 from pruning.fold import fold_for_export
+from pruning.latency import interleaved_seconds
 
 RUNTIMES = ("eager", "channels_last", "onnx")
 
@@ -91,15 +91,7 @@ def runner(runtime: str, model, size: int, tmp: Path, name: str) -> Callable[[to
 
 def rounds(runs: dict[str, Callable], x: torch.Tensor, repeats: int) -> dict[str, list[float]]:
     """Seconds per forward, one of each run per round, after one untimed round."""
-    for run in runs.values():
-        run(x)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run(x)
-            times[name].append(time.perf_counter() - start)
-    return times
+    return interleaved_seconds(runs, x, 1, repeats)
 
 
 def main() -> None:

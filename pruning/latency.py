@@ -16,10 +16,11 @@ import torch
 from torch import Tensor
 
 
-def medians_ms(runs: Mapping[str, Callable[[Tensor], object]], x: Tensor, warmup: int,
-               repeats: int) -> dict[str, float]:
-    """Median milliseconds of each of `runs` on `x`. The runs are interleaved (one of each per
-    repeat), so that a change in the machine's load falls on all of them alike."""
+def interleaved_seconds(runs: Mapping[str, Callable[[Tensor], object]], x: Tensor, warmup: int,
+                        repeats: int) -> dict[str, list[float]]:
+    """Seconds of each of `runs` on `x`, `repeats` times after `warmup` untimed rounds. The runs
+    are interleaved (one of each per round), so that a change in the machine's load falls on all
+    of them alike."""
     for _ in range(warmup):
         for run in runs.values():
             run(x)
@@ -29,7 +30,13 @@ def medians_ms(runs: Mapping[str, Callable[[Tensor], object]], x: Tensor, warmup
             start = time.perf_counter()
             run(x)
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    return times
+
+
+def medians_ms(runs: Mapping[str, Callable[[Tensor], object]], x: Tensor, warmup: int,
+               repeats: int) -> dict[str, float]:
+    """Median milliseconds of each of `runs` on `x` (`interleaved_seconds`)."""
+    return {name: statistics.median(t) * 1e3 for name, t in interleaved_seconds(runs, x, warmup, repeats).items()}
 
 
 def compare(runners: Mapping[str, Mapping[str, Callable[[Tensor], object]]], input_size: tuple[int, int],

@@ -14,27 +14,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.integration.support import local_ray, small_shards
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    import ray
-
-    # Ray's Unix socket paths must stay under 107 bytes: a short temp dir, not the test's tmp_path.
-    from orchestrator.driver import default_ray_temp_dir
-
-    ray.init(address="local", num_cpus=2, _temp_dir=default_ray_temp_dir("_t"), log_to_driver=False)
-    yield
-    ray.shutdown()
+    with local_ray("_t"):
+        yield
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from data import write_synthetic
-
-    root = tmp_path_factory.mktemp("shards")
-    return str(write_synthetic(root, classes=4, train=128, val=64, size=16, seed=0, shard_size=16))
+    return small_shards(tmp_path_factory, train=128, val=64)
 
 
 def _config(shards: str, storage: Path, name: str, **over):
@@ -62,8 +55,8 @@ def _val_top1(model, cfg) -> float:
 
 def test_asfp_stop_resume_finalize_compact(ray_cluster, shards, tmp_path):
     from orchestrator.driver import run_training
-    from orchestrator.saved_runs import find_checkpoints, load_model
     from orchestrator.model_setup import weights_digest
+    from orchestrator.saved_runs import find_checkpoints, load_model
     from pruning import MaskSet, load_compact
 
     over = {"pruning.method": "asfp", "pruning.rate": 0.4, "pruning.finetune_epochs": 1,

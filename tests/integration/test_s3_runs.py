@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.integration.support import local_ray, small_shards
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
@@ -28,21 +30,13 @@ def bucket(s3_server, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ray_cluster(bucket):
-    import ray
-
-    from orchestrator.driver import default_ray_temp_dir
-
-    ray.init(address="local", num_cpus=2, _temp_dir=default_ray_temp_dir("_s3"), log_to_driver=False)
-    yield
-    ray.shutdown()
+    with local_ray("_s3"):
+        yield
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from data import write_synthetic
-
-    root = tmp_path_factory.mktemp("shards")
-    return str(write_synthetic(root, classes=4, train=64, val=32, size=16, seed=0, shard_size=16))
+    return small_shards(tmp_path_factory, train=64, val=32)
 
 
 def _config(shards: str, storage: str, **over):

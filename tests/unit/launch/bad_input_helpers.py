@@ -76,3 +76,19 @@ def assert_ray_not_started(ray_tmp: Path, ray_was_imported: bool) -> None:
         import ray
 
         assert not ray.is_initialized()
+
+
+def refused(argv: list[str], capsys, tmp_path: Path, ray_tmp: Path, prefix: str) -> str:
+    """Run `softprune ARGV` in-process; check the one-line refusal and that nothing changed."""
+    from launch.cli import main
+
+    before, ray_was_imported = snapshot(tmp_path), ray_state()
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert rc == 2, err
+    assert len(lines) == 1 and lines[0].startswith(prefix), err
+    assert "Traceback" not in out + err
+    assert_ray_not_started(ray_tmp, ray_was_imported)
+    assert snapshot(tmp_path) == before
+    return lines[0]

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from data.testing import write_indexed_shards
-from launch.cli import main
+from tests.unit.launch import bad_input_helpers
 from tests.unit.launch.bad_input_helpers import (
     assert_ray_not_started,
     closed_port,
@@ -71,17 +71,7 @@ def setup(tmp_path, shards, ray_tmp):
 
 
 def refused(argv: list[str], capsys, tmp_path: Path, ray_tmp: Path, prefix: str = PREFIX) -> str:
-    """Run `softprune ARGV` in-process; check the one-line refusal and that nothing changed."""
-    before, ray_was_imported = snapshot(tmp_path), ray_state()
-    rc = main(argv)
-    out, err = capsys.readouterr()
-    lines = err.strip().splitlines()
-    assert rc == 2, err
-    assert len(lines) == 1 and lines[0].startswith(prefix), err
-    assert "Traceback" not in out + err
-    assert_ray_not_started(ray_tmp, ray_was_imported)
-    assert snapshot(tmp_path) == before
-    return lines[0]
+    return bad_input_helpers.refused(argv, capsys, tmp_path, ray_tmp, prefix)
 
 
 # -- config --------------------------------------------------------------------------------

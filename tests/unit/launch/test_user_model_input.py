@@ -12,7 +12,7 @@ import yaml
 
 from data.testing import write_indexed_shards
 from launch.cli import main
-from tests.unit.launch.bad_input_helpers import assert_ray_not_started, ray_state, snapshot
+from tests.unit.launch import bad_input_helpers
 
 PREFIX = "softprune train: error: "
 
@@ -39,16 +39,7 @@ def config(tmp_path, shards, monkeypatch) -> Path:
 
 
 def refused(argv: list[str], capsys, tmp_path: Path, prefix: str = PREFIX) -> str:
-    before, ray_was_imported = snapshot(tmp_path), ray_state()
-    rc = main(argv)
-    out, err = capsys.readouterr()
-    lines = err.strip().splitlines()
-    assert rc == 2, err
-    assert len(lines) == 1 and lines[0].startswith(prefix), err
-    assert "Traceback" not in out + err
-    assert_ray_not_started(tmp_path / "ray", ray_was_imported)
-    assert snapshot(tmp_path) == before
-    return lines[0]
+    return bad_input_helpers.refused(argv, capsys, tmp_path, tmp_path / "ray", prefix)
 
 
 @pytest.mark.parametrize("overrides, expected", [

@@ -28,7 +28,7 @@ def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def dense_model(name: str) -> nn.Module:
     torch.manual_seed(0)
     return randomise_bn(create_model(name)).eval()
@@ -67,3 +67,30 @@ def trained_looking(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
             w = w * layer * filt
         out[name] = w
     return out
+
+
+def masked_output(model: nn.Module, groups, masks, hard: bool, x: torch.Tensor) -> torch.Tensor:
+    """`model(x)` with the masks applied to a copy of its parameters (hard or soft)."""
+    from torch.func import functional_call
+
+    from pruning import masked_tensors
+
+    params = dict(model.named_parameters())
+    state = {**params, **dict(model.named_buffers()), **masked_tensors(groups, masks, params, hard, strict=True)}
+    with torch.no_grad():
+        return functional_call(model, state, (x,))
+
+
+def assert_compacts_exactly(model: nn.Module, small: nn.Module, groups, masks, mode: str, size: int,
+                            x: torch.Tensor) -> None:
+    """The compacted `small` computes the hard- (or, faithful, soft-) masked `model` within 1e-4,
+    costs what `masked_cost` predicted, and is smaller."""
+    from pruning import count_flops, masked_cost
+
+    want = masked_output(model, groups, masks, mode == "hard", x)
+    with torch.no_grad():
+        got = small.eval()(x)
+    assert want.abs().max() > 1e-2
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    assert count_flops(small, size) == masked_cost(model, groups, masks, size, mode=mode)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())

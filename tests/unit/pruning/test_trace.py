@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 import models
 from pruning import (
@@ -19,14 +18,11 @@ from pruning import (
     attach_meta,
     build_groups,
     compact,
-    count_flops,
-    masked_cost,
-    masked_tensors,
     trace_meta,
 )
 from pruning.config import POLICIES
 
-from .helpers import random_masks, randomise_bn
+from .helpers import assert_compacts_exactly, masked_output, random_masks, randomise_bn
 
 ZOO = models.list_models()
 
@@ -208,13 +204,6 @@ def test_build_groups_without_meta_needs_example_inputs():
     assert [m.has_bias for g in groups for m in g.members] == [True, False, True]
 
 
-def _masked_output(model, groups, masks, hard, x):
-    params = dict(model.named_parameters())
-    state = {**params, **dict(model.named_buffers()), **masked_tensors(groups, masks, params, hard)}
-    with torch.no_grad():
-        return functional_call(model, state, (x,))
-
-
 def _traced_resnet20():
     torch.manual_seed(0)
     model = models.create_model("resnet20", num_classes=7)
@@ -238,13 +227,7 @@ def test_compaction_of_a_traced_model_is_exact(which, policy, mode):
     masks = random_masks(groups, 0.4, seed=len(which) + len(policy))
     small, spec = compact(model, groups, masks, mode=mode)
     x = torch.randn(2, 3, size + 3, size - 1, generator=torch.Generator().manual_seed(1))
-    want = _masked_output(model, groups, masks, mode == "hard", x)
-    with torch.no_grad():
-        got = small.eval()(x)
-    assert want.abs().max() > 1e-2
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
-    assert count_flops(small, size) == masked_cost(model, groups, masks, size, mode=mode)
-    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    assert_compacts_exactly(model, small, groups, masks, mode, size, x)
     assert set(spec["kept"]) == set(model.softprune_meta.convs) and spec["compact_mode"] == mode
 
 
@@ -382,6 +365,6 @@ def test_channel_padding_shortcut_is_an_option_a_stream():
     small, _ = compact(model, sfp, masks, "faithful")
     x = torch.randn(2, 3, 17, 15)
     with torch.no_grad():
-        torch.testing.assert_close(small.eval()(x), _masked_output(model, sfp, masks, False, x), rtol=0, atol=1e-4)
+        torch.testing.assert_close(small.eval()(x), masked_output(model, sfp, masks, False, x), rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match=r"block layer2.0's option-A shortcut is not a ShortcutA module"):
         compact(model, coupled, random_masks(coupled, 0.4, seed=1), "hard")
