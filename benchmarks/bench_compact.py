@@ -44,7 +44,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--rate", type=float, default=0.3)
     p.add_argument("--policies", default="coupled,sfp")
-    p.add_argument("--round-to", default="1,4,8,16")
+    p.add_argument("--round-to", default="1,4,8,16,auto", help="multiples, or auto (the training default)")
     p.add_argument("--batches", default="1,8", help="batch 1 (latency) and a throughput batch")
     p.add_argument("--runtimes", default=",".join(RUNTIMES))
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per runtime and batch")
@@ -54,7 +54,8 @@ def parse() -> argparse.Namespace:
     if a.quick:
         a.model, a.size, a.round_to, a.batches, a.repeats = "resnet18", 160, "1,8", "1,4", 3
     a.policies, a.runtimes = a.policies.split(","), a.runtimes.split(",")
-    a.round_to, a.batches = [int(v) for v in a.round_to.split(",")], [int(v) for v in a.batches.split(",")]
+    a.round_to = [v if v == "auto" else int(v) for v in a.round_to.split(",")]
+    a.batches = [int(v) for v in a.batches.split(",")]
     unknown = set(a.runtimes) - set(RUNTIMES)
     if unknown:
         p.error(f"--runtimes: unknown {sorted(unknown)}; choose from {', '.join(RUNTIMES)}")

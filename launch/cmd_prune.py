@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=float, default=0.3, help="fraction of filters pruned, in [0, 1)")
     parser.add_argument("--scope", choices=SCOPES, default="layer")
     parser.add_argument("--min-keep", type=int, default=1)
-    parser.add_argument("--round-to", type=int, default=1, help="round kept counts up to a multiple")
+    parser.add_argument("--round-to", type=_round_to, default="auto", help="round kept counts up to a multiple; "
+                        "auto (default): 8 for groups of >= 128 channels, else 1")
     parser.add_argument("--include", action="append", default=[], help="fnmatch pattern on conv names")
     parser.add_argument("--exclude", action="append", default=[], help="fnmatch pattern on conv names")
     parser.add_argument("--mode", choices=COMPACT_MODES, default="hard",
@@ -39,6 +40,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"a factory's model is traced at it, default {FACTORY_INPUT_SIZE})")
     parser.add_argument("--seed", type=int, default=0, help="seed of a fresh initialisation")
     parser.add_argument("--out", required=True, help="output directory")
+
+
+def _round_to(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 or auto, got {text!r}")
+    return int(text)
 
 
 def _model_kwargs(text: str, model: str) -> dict:

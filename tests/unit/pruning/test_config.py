@@ -10,7 +10,8 @@ from pruning import PruningConfig
 
 def test_defaults_and_derived_schedule():
     cfg = PruningConfig()
-    assert cfg.method == "none" and cfg.rate == 0.3 and cfg.policy == "sfp"
+    assert cfg.method == "none" and cfg.rate == 0.3 and cfg.policy == "sfp" and cfg.round_to == "auto"
+    assert PruningConfig(round_to="8").round_to == 8  # a CLI override arrives as text
     assert PruningConfig(method="asfp").resolved_schedule == "asymptotic"
     assert PruningConfig(method="pfec").resolved_schedule == "one_shot"
     assert PruningConfig(method="asfp", schedule="cubic").resolved_schedule == "cubic"
@@ -22,6 +23,7 @@ def test_defaults_and_derived_schedule():
     ("asymptotic_d", 0.9, "asymptotic_d"),
     ("every", 0, "every must be >= 1"),
     ("round_to", 0, "round_to must be >= 1"),
+    ("round_to", "nearest", "round_to"),
     ("prune_epoch", -1, "prune_epoch must be >= 0"),
     ("preset", "resnet57-A", "unknown preset"),
     ("criterion", "taylor", "criterion"),
