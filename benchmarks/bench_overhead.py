@@ -157,7 +157,7 @@ def ray_worker(loop_config: dict) -> None:
                                               "coord_event_s": sorted(times)[len(times) // 2]}))
 
 
-def run_ray(args, lean: bool = False) -> dict:
+def run_ray(args, dashboard: bool = True, metrics: bool = True) -> dict:
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -165,10 +165,10 @@ def run_ray(args, lean: bool = False) -> dict:
     from orchestrator.driver import default_ray_temp_dir
     from orchestrator.env import worker_env
 
-    if lean:  # no dashboard and no metrics export: the local cluster's control plane at its smallest
+    if not metrics:  # no metrics recording and export (what a local softprune run sets)
         os.environ["RAY_enable_metrics_collection"] = "0"
     ray.init(address="local", num_cpus=2, _temp_dir=default_ray_temp_dir("_b"), log_to_driver=False,
-             include_dashboard=not lean)
+             include_dashboard=dashboard)
     config = {"model": args.model, "size": args.size, "batch": args.batch, "steps": args.steps,
               "warmup": args.warmup, "threads": args.threads, "stage": args.stage, "coord_size": args.coord_size,
               "coord_batch": args.coord_batch, "coord_steps": 3, "events": 3,
@@ -222,7 +222,8 @@ def main() -> int:
     ds_runs = [run_ddp(args, "--ds-worker")]
     ray_default = run_ray(args)
     ddp_runs.append(run_ddp(args))
-    ray_lean = run_ray(args, lean=True)
+    ray_lean = run_ray(args, dashboard=False, metrics=False)
+    ray_no_metrics = run_ray(args, metrics=False)
     ds_runs.append(run_ddp(args, "--ds-worker"))
     ddp_runs.append(run_ddp(args))
     ddp = sum(ddp_runs) / len(ddp_runs)
@@ -235,6 +236,8 @@ def main() -> int:
           f"(runs: {', '.join(f'{r:.3f}' for r in ds_runs)})")
     print(f"Ray Train + DeepSpeed, local Ray without dashboard/metrics: {ray_lean['steps_per_s']:.3f} steps/s "
           f"= {ray_lean['steps_per_s'] / ddp:.3f} x DDP")
+    print(f"Ray Train + DeepSpeed, dashboard on, metrics collection off: {ray_no_metrics['steps_per_s']:.3f} steps/s "
+          f"= {ray_no_metrics['steps_per_s'] / ddp:.3f} x DDP")
     print(f"Ray Train + DeepSpeed, default local Ray:                   {ray_default['steps_per_s']:.3f} steps/s "
           f"= {ray_default['steps_per_s'] / ds:.3f} x DeepSpeed under torchrun")
     print(f"coordinator, ResNet-101 ZeRO-2, 2 ranks: {ray_default['coord_event_s'] * 1e3:.1f} ms per event = "
