@@ -111,7 +111,9 @@ def main() -> None:
           f"{'theory':>8}{'meas/theory':>12}{'fastest':>8}")
     figures: dict[tuple[str, str, int], float] = {}
     compact_ms: dict[tuple[str, str, int], float] = {}
-    with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parents[1] / ".cache") as tmp:
+    scratch = Path(__file__).resolve().parents[1] / ".cache"  # exported models: in the checkout, not /tmp
+    scratch.mkdir(exist_ok=True)  # a fresh clone has none yet
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         for runtime in a.runtimes:
             runs = {name: runner(runtime, m, a.size, Path(tmp), name) for name, m in models.items()}
             for batch in a.batches:
