@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scope", choices=SCOPES, default="layer")
     parser.add_argument("--min-keep", type=int, default=1)
     parser.add_argument("--round-to", type=_round_to, default="auto", help="round kept counts up to a multiple; "
-                        "auto (default): 8 for groups of >= 128 channels, else 1")
+                        "auto (default): 8 for groups of >= 64 channels, else 1")
     parser.add_argument("--include", action="append", default=[], help="fnmatch pattern on conv names")
     parser.add_argument("--exclude", action="append", default=[], help="fnmatch pattern on conv names")
     parser.add_argument("--mode", choices=COMPACT_MODES, default="hard",

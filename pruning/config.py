@@ -40,7 +40,7 @@ class PruningConfig(BaseModel, extra="forbid"):
     exclude: list[str] = []
     preset: str | None = None  # e.g. "resnet56-B" (PFEC's published configurations)
     min_keep: int = 1  # floor of kept channels per group
-    # kept counts rounded up to a multiple of this; "auto": 8 for groups of >= 128 channels, else 1
+    # kept counts rounded up to a multiple of this; "auto": 8 for groups of >= 64 channels, else 1
     # (chosen by measurement: pruning/select.py, multiple_for)
     round_to: int | Literal["auto"] = "auto"
     # Also zero the optimizer moments (SGD momentum, Adam's) of the filters each event zeroes.

@@ -20,13 +20,15 @@ from .masks import MaskSet
 from .config import SCOPES
 
 # round_to="auto" (the default): kept counts of groups of >= AUTO_MIN_CHANNELS channels go up to a
-# multiple of AUTO_MULTIPLE, narrower groups are not rounded. Why 8: on this project's CPU the
-# ResNet-50 compacted with kept counts rounded to 8 was the fastest model at every batch and
-# runtime measured, although it keeps ~5% more MACs than the unrounded one (benchmarks/bench_compact.py,
-# docs/results.md "Compact latency"); 16 was no faster, and NVIDIA's tensor cores want bf16/fp16
-# channel counts in multiples of 8. Why not below 128 channels: there a multiple of 8 moves a
-# layer's rate by more than 1/16 of its filters (a 16-channel conv at rate 0.4 would keep all 16).
-AUTO_MULTIPLE, AUTO_MIN_CHANNELS = 8, 128
+# multiple of AUTO_MULTIPLE, narrower groups are not rounded. Measured on this project's CPU with
+# ResNet-50 at P=0.3 (benchmarks/bench_compact.py, docs/results.md "Compact latency"): kept counts
+# rounded to 4 or 8 ran faster than unrounded ones in every runtime and batch although they keep
+# 3-5% more MACs; 4 and 8 were within the noise of each other, and NVIDIA's tensor cores want
+# bf16/fp16 channel counts in multiples of 8. Leaving the 64-channel convs unrounded (a 128-channel
+# floor) cost up to 17% of the compact model's speed: ResNet-50's first stage runs at the largest
+# resolution. Below 64 channels a multiple of 8 moves a layer's rate by more than an eighth of
+# its filters (a 16-channel conv at rate 0.4 would keep all 16), so those stay exact.
+AUTO_MULTIPLE, AUTO_MIN_CHANNELS = 8, 64
 RoundTo = int | str  # a multiple >= 1, or "auto"
 
 

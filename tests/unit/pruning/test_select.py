@@ -40,8 +40,8 @@ def test_kept_count_rounding():
 
 def test_auto_rounding_rounds_wide_groups_to_8_and_leaves_narrow_ones():
     assert kept_count(256, 0.3, round_to="auto") == 184  # 180 up to a multiple of 8
-    assert kept_count(128, 0.1, round_to="auto") == 120  # 116 up
-    assert kept_count(127, 0.1, round_to="auto") == 115  # below 128 channels: exact
+    assert kept_count(64, 0.3, round_to="auto") == 48  # 45 up
+    assert kept_count(63, 0.3, round_to="auto") == 45  # below 64 channels: exact
     assert kept_count(16, 0.4, round_to="auto") == 10  # a multiple of 8 would keep all 16
     with pytest.raises(ValueError, match="round_to"):
         select(*_setup(), 0.3, round_to="nearest")
@@ -54,10 +54,10 @@ def test_auto_rounding_in_select_follows_each_group_width(scope):
     scores = score(groups, dict(model.named_parameters()), "l2")
     exact, auto = select(groups, scores, 0.3, scope=scope), select(groups, scores, 0.3, scope=scope, round_to="auto")
     widths = {g.name: g.size for g in groups}
-    assert any(widths[n] >= 128 and int(k.sum()) % 8 for n, k in exact.keep.items())  # rounding has work
+    assert any(widths[n] >= 64 and int(k.sum()) % 8 for n, k in exact.keep.items())  # rounding has work
     for name, keep in auto.keep.items():
         kept, before = int(keep.sum()), int(exact.keep[name].sum())
-        if widths[name] >= 128:
+        if widths[name] >= 64:
             assert kept % 8 == 0 and before <= kept < before + 8
             assert bool((keep | ~exact.keep[name]).all())  # the exact selection's channels stay kept
         else:
@@ -69,7 +69,7 @@ def test_auto_rounding_leaves_a_published_preset_exact():
     groups = build_groups(model, "pfec", preset="resnet34-B")
     scores = score(groups, dict(model.named_parameters()), "l1")
     exact, auto = select(groups, scores, 1.0), select(groups, scores, 1.0, round_to="auto")
-    assert any(g.size >= 128 and int(exact.keep[g.name].sum()) % 8 for g in groups)
+    assert any(g.size >= 64 and int(exact.keep[g.name].sum()) % 8 for g in groups)
     assert auto == exact
     eight = select(groups, scores, 1.0, round_to=8)  # asked for explicitly: rounded
     assert all(int(k.sum()) % 8 == 0 for k in eight.keep.values())
