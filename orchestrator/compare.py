@@ -132,6 +132,7 @@ class PlannedRun:
     run: str
     seed: int
     cfg: TrainConfig
+    teacher_run: str | None = None  # the spec's run this one distils from (`pruning.teacher=run:<name>`)
 
     @property
     def label(self) -> str:
@@ -159,11 +160,32 @@ def plan_runs(spec: CompareSpec, extra: Sequence[str] = ()) -> list[PlannedRun]:
                      f"storage={json.dumps(spec.storage)}"]  # JSON strings: YAML reads them back verbatim
             fixed += [f"data.seed={seed}"] if spec.data_seed else []
             try:
-                cfg = load_config(spec.base, [*spec.overrides, *items, *extra, *fixed])
+                own, teacher = _teacher_runs(spec, run, seed, items)
+                cfg = load_config(spec.base, [*spec.overrides, *own, *extra, *fixed])
             except ValueError as exc:
                 raise ValueError(f"compare {spec.name}: run {run!r} (seed {seed}): {exc}") from None
-            plan.append(PlannedRun(run, seed, cfg))
+            plan.append(PlannedRun(run, seed, cfg, teacher))
     return plan
+
+
+TEACHER_RUN = "pruning.teacher=run:"
+
+
+def _teacher_runs(spec: CompareSpec, run: str, seed: int, items: Sequence[str]) -> tuple[list[str], str | None]:
+    """`pruning.teacher=run:<name>` names this comparison's run <name>: replaced by that run's
+    final/ directory at the same seed (a dense baseline per seed teaches its own seed)."""
+    out, teacher = [], None
+    for item in items:
+        if not item.startswith(TEACHER_RUN):
+            out.append(item)
+            continue
+        teacher = item.removeprefix(TEACHER_RUN)
+        if teacher not in spec.runs or teacher == run:
+            raise ValueError(f"pruning.teacher=run:{teacher}: no other run named {teacher!r} in the spec "
+                             f"(runs: {', '.join(spec.runs)})")
+        final = storage.join(_absolute(spec.storage), spec.run_name(teacher, seed), "final")
+        out.append(f"pruning.teacher={json.dumps(final)}")
+    return out, teacher
 
 
 def check_finished(planned: PlannedRun) -> None:
@@ -236,8 +258,15 @@ def runs_to_train(plan: Sequence[PlannedRun], reports: Mapping[tuple[str, int], 
     `report_only`."""
     if report_only:
         return []
-    return [p for p in plan if (not only or p.run in only) and (not seeds or p.seed in seeds)
+    todo = [p for p in plan if (not only or p.run in only) and (not seeds or p.seed in seeds)
             and reports.get((p.run, p.seed)) is None]
+    pending = {(p.run, p.seed) for p in todo}
+    for p in todo:
+        if p.teacher_run and reports.get((p.teacher_run, p.seed)) is None and (p.teacher_run, p.seed) not in pending:
+            raise ValueError(f"{p.label} distils from run {p.teacher_run!r}, which has not finished at seed "
+                             f"{p.seed}: train it too (--only {p.teacher_run} {p.run})")
+    teachers = {(p.teacher_run, p.seed) for p in todo if p.teacher_run}
+    return sorted(todo, key=lambda p: (p.run, p.seed) not in teachers)  # stable: teachers first
 
 
 def run_compare(spec: CompareSpec, plan: Sequence[PlannedRun], only: Sequence[str] | None = None,
@@ -262,9 +291,13 @@ def run_compare(spec: CompareSpec, plan: Sequence[PlannedRun], only: Sequence[st
         if reports[(p.run, p.seed)] is not None:
             check_finished(p)
     todo = runs_to_train(plan, reports, only, report_only, seeds)
+    waiting = {(p.run, p.seed) for p in todo}
     for p in todo:  # every check before the first run starts: a bad input costs nothing
+        cfg = p.cfg  # a teacher this invocation trains first is checked when that run has finished
+        if (p.teacher_run, p.seed) in waiting:
+            cfg = cfg.model_copy(update={"pruning": cfg.pruning.model_copy(update={"teacher": None})})
         try:
-            preflight(p.cfg, allow_config_change=allow_config_change, verify_shards=verify_shards)
+            preflight(cfg, allow_config_change=allow_config_change, verify_shards=verify_shards)
         except ValueError as exc:
             raise ValueError(f"{p.label}: {exc}") from None
     for p in plan:

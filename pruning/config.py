@@ -58,7 +58,9 @@ class PruningConfig(BaseModel, extra="forbid"):
     freeze_epoch: int | None = None  # from this epoch on masks are frozen
     finetune_epochs: int = 0  # after a soft run: K epochs with frozen masks
     # Distillation while the masks are frozen (and while PFEC retrains): "self" (the run's weights
-    # just before its first mask event) or a finished run's final/ directory (path or URI)
+    # just before its first mask event: PFEC's dense phase, or model.pretrained for SFP/ASFP, which
+    # mask from the first epoch) or a finished run's final/ directory (path or URI); in a compare
+    # spec, "run:<name>" is that comparison's run <name> at the same seed
     teacher: str | None = None
     distill_alpha: float = 0.5  # weight of the teacher's term; the labels' cross-entropy gets 1 - alpha
     distill_temperature: float = 4.0

@@ -143,8 +143,14 @@ def test_distillation_from_the_runs_own_weights_and_from_a_finished_run(world_of
     teacher=<dense run's final/>: PFEC's retraining learns from the finished dense model."""
     import torch
 
+    from models import create_model
+
+    pretrained = tmp_path / "pretrained.pt"  # SFP masks from the first epoch: `self` needs weights to start from
+    torch.manual_seed(7)
+    torch.save(create_model("resnet20", 4).state_dict(), pretrained)
     soft = {"epochs": 2, "pruning.method": "sfp", "pruning.rate": 0.5, "pruning.finetune_epochs": 1,
-            "pruning.recalibrate_batches": 1, "pruning.teacher": "self", "pruning.distill_alpha": 0.7}
+            "pruning.recalibrate_batches": 1, "pruning.teacher": "self", "pruning.distill_alpha": 0.7,
+            "model.pretrained": str(pretrained)}
     _, run, _ = _run(soft, shards, tmp_path / "self", monkeypatch)
     algo = run.algorithm._inner
     teacher = algo._teacher.model

@@ -292,6 +292,51 @@ def test_runs_to_train_skips_finished_runs_and_honours_only(tmp_path):
     assert runs_to_train(plan, reports, only=["sfp"], seeds=[1]) == []
 
 
+def _kd_spec(tmp_path: Path, teacher: str = "run:dense") -> CompareSpec:
+    runs = {"dense": ["pruning.method=none"], "sfp": ["pruning.method=sfp", "pruning.rate=0.4"],
+            "sfp_kd": ["pruning.method=sfp", "pruning.rate=0.4", f"pruning.teacher={teacher}"]}
+    return load_spec(_spec_file(tmp_path, runs=runs))
+
+
+def test_a_run_distils_from_another_run_of_the_spec_at_its_own_seed(tmp_path):
+    plan = plan_runs(_kd_spec(tmp_path))
+    kd = [p for p in plan if p.run == "sfp_kd"]
+    assert [(p.seed, p.teacher_run, p.cfg.pruning.teacher) for p in kd] == [
+        (0, "dense", str(tmp_path / "runs" / "cmp-dense-s0" / "final")),
+        (1, "dense", str(tmp_path / "runs" / "cmp-dense-s1" / "final"))]
+    assert all(p.teacher_run is None for p in plan if p.run != "sfp_kd")
+    # the teacher trains first, whatever the spec's order; a teacher neither finished nor to be
+    # trained in this invocation is named before anything starts
+    todo = runs_to_train(list(reversed(plan)), {}, seeds=[0])
+    assert [p.run for p in todo][:1] == ["dense"] and {p.run for p in todo} == {"dense", "sfp", "sfp_kd"}
+    assert [p.run for p in runs_to_train(plan, {("dense", 0): dense_report(0.8)}, only=["sfp_kd"], seeds=[0])] == [
+        "sfp_kd"]
+    with pytest.raises(ValueError, match=r"^sfp_kd seed 1 distils from run 'dense', which has not finished"):
+        runs_to_train(plan, {("dense", 0): dense_report(0.8)}, only=["sfp_kd"])
+
+
+def test_a_teacher_trained_in_the_same_invocation_passes_the_checks_before_it_exists(tmp_path, monkeypatch):
+    """Every run is checked before the first one trains, but the dense teacher's final/ cannot
+    exist yet: its check waits for the run that writes it, and that run goes first."""
+    from data import write_synthetic
+
+    import orchestrator.compare as compare
+
+    manifest = write_synthetic(tmp_path / "shards", classes=4, train=16, val=8, size=16, shard_size=8)
+    spec = _kd_spec(tmp_path)
+    plan = plan_runs(spec, [f"data.train={manifest}", f"data.val={manifest}", "data.batch_size=4"])
+    trained: list[tuple[str, int]] = []
+    monkeypatch.setattr(compare, "train_runs", lambda todo, *a, **k: trained.extend((p.run, p.seed) for p in todo))
+    run_compare(spec, plan, only=["sfp_kd", "dense"], seeds=[0], say=lambda line: None)
+    assert trained == [("dense", 0), ("sfp_kd", 0)]
+
+
+@pytest.mark.parametrize("teacher", ["run:densest", "run:sfp_kd"])
+def test_a_teacher_run_must_be_another_run_of_the_spec(tmp_path, teacher):
+    with pytest.raises(ValueError, match=rf"run 'sfp_kd' \(seed 0\): pruning.teacher={teacher}: no other run"):
+        plan_runs(_kd_spec(tmp_path, teacher))
+
+
 def test_finished_runs_on_disk_are_reused_without_ray(tmp_path, monkeypatch):
     import ray
 

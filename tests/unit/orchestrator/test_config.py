@@ -44,6 +44,17 @@ def test_cross_field_checks():
         load_config(BASE, ["scaling.precision=fp16"])
 
 
+@pytest.mark.parametrize("method", ["sfp", "asfp"])
+def test_a_self_teacher_of_a_soft_method_needs_pretrained_weights(method, tmp_path):
+    """sfp/asfp mask from the first epoch: the weights before the first mask are untrained."""
+    with pytest.raises(ValueError, match=r"pruning.teacher='self' .* untrained: set model.pretrained"):
+        load_config(BASE, [f"pruning.method={method}", "pruning.teacher=self"])
+    weights = tmp_path / "dense.pt"
+    cfg = load_config(BASE, [f"pruning.method={method}", "pruning.teacher=self", f"model.pretrained={weights}"])
+    assert cfg.pruning.teacher == "self"
+    assert load_config(BASE, ["pruning.method=pfec", "pruning.teacher=self"]).pruning.teacher == "self"
+
+
 def test_malformed_override():
     with pytest.raises(ValueError, match="section.field=value"):
         parse_override("no-equals-sign")
