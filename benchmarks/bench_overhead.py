@@ -4,14 +4,17 @@
    same model, batch, threads and in-memory batches (so only the framework differs); target >= 0.97.
    The gap is split in two by a third loop, the same DeepSpeed engine under torchrun without Ray:
    DDP -> DeepSpeed is DeepSpeed's share, DeepSpeed under torchrun -> under Ray is Ray's (its
-   worker process, and its dashboard/metrics daemons, shown by a lean run without them);
+   worker process, and its dashboard/metrics daemons, shown by runs without them). On a shared
+   2-core machine one window per loop could not resolve a few percent (the same code measured
+   0.84 and 1.01 x DDP on two days), so each loop runs in --rounds interleaved rounds, each
+   figure against the DDP runs right before and after it, and the median and range are printed;
 2. the pruning coordinator's time per event (per-filter norms from the ZeRO fragments in one
    all-reduce, score on rank 0, broadcast, local apply to module + ZeRO master + moments, digest
    check) for ResNet-101 with 2 ranks at ZeRO-2, as a fraction of one training step of the same
    engine. benchmarks/bench_coordinator.py compares it with the previous gather path and counts
    the bytes each puts on the wire.
 
-    python benchmarks/bench_overhead.py [--model resnet20 --size 32 --batch 32 --steps 30]
+    python benchmarks/bench_overhead.py [--rounds 3 --model resnet20 --size 32 --batch 32 --steps 150]
 
 The last line printed is the steps/s ratio.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -141,6 +145,10 @@ def ray_worker(loop_config: dict) -> None:
 
     engine = engine_for(a["model"], a["stage"], a["batch"])
     rate = _time_steps(stepper(engine), _batches(a["size"], a["batch"], 10, rank), a["steps"], a["warmup"])
+    if not a["coord"]:
+        if rank == 0:
+            Path(a["out"]).write_text(json.dumps({"steps_per_s": rate}))
+        return
 
     # coordinator cost on ResNet-101 at ZeRO-2
     big = engine_for("resnet101", 2, a["coord_batch"])
@@ -157,7 +165,7 @@ def ray_worker(loop_config: dict) -> None:
                                               "coord_event_s": sorted(times)[len(times) // 2]}))
 
 
-def run_ray(args, dashboard: bool = True, metrics: bool = True) -> dict:
+def run_ray(args, dashboard: bool = True, metrics: bool = True, coord: bool = False) -> dict:
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -171,7 +179,7 @@ def run_ray(args, dashboard: bool = True, metrics: bool = True) -> dict:
              include_dashboard=dashboard)
     config = {"model": args.model, "size": args.size, "batch": args.batch, "steps": args.steps,
               "warmup": args.warmup, "threads": args.threads, "stage": args.stage, "coord_size": args.coord_size,
-              "coord_batch": args.coord_batch, "coord_steps": 3, "events": 3,
+              "coord_batch": args.coord_batch, "coord_steps": 3, "events": 3, "coord": coord,
               "out": str(Path(tempfile.mkdtemp()) / "ray.json")}
     trainer = TorchTrainer(ray_worker, train_loop_config=config,
                            scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
@@ -202,6 +210,7 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (both loops)")
     p.add_argument("--stage", type=int, default=0, help="ZeRO stage of the throughput comparison")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median and range reported)")
     p.add_argument("--coord-size", type=int, default=64, help="ResNet-101 input side for the step time")
     p.add_argument("--coord-batch", type=int, default=8)
     p.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)
@@ -215,36 +224,52 @@ def main() -> int:
     if args.ds_worker:
         ds_worker(args)
         return 0
-    # DDP before, between and after the two Ray runs: on a shared machine the load drifts between
-    # phases, and the mean brackets it. The lean run shows what Ray's own processes cost when the
-    # two workers already fill both cores (the dashboard is the main part).
-    ddp_runs = [run_ddp(args)]
-    ds_runs = [run_ddp(args, "--ds-worker")]
-    ray_default = run_ray(args)
-    ddp_runs.append(run_ddp(args))
-    ray_lean = run_ray(args, dashboard=False, metrics=False)
-    ray_no_metrics = run_ray(args, metrics=False)
-    ds_runs.append(run_ddp(args, "--ds-worker"))
-    ddp_runs.append(run_ddp(args))
-    ddp = sum(ddp_runs) / len(ddp_runs)
-    ds = sum(ds_runs) / len(ds_runs)
-    frac = ray_default["coord_event_s"] / ray_default["r101_step_s"]
+    loops = {  # name -> steps/s of one run; bare DDP runs before each and after the last
+        "DeepSpeed (torchrun, no Ray)": lambda: run_ddp(args, "--ds-worker"),
+        "Ray Train + DeepSpeed, default local Ray": lambda: run_ray(args)["steps_per_s"],
+        "Ray Train + DeepSpeed, no dashboard, no metrics": lambda: run_ray(args, False, False)["steps_per_s"],
+        "Ray Train + DeepSpeed, dashboard, metrics collection off": lambda: run_ray(args, metrics=False)["steps_per_s"],
+    }
+    ratios, rates, ddp_all = rounds_of(args, loops)
+    coord = run_ray(args, coord=True)
     print(f"{args.model} @ {args.size}px, batch {args.batch}/rank, 2 ranks x {args.threads} thread(s), "
-          f"ZeRO-{args.stage}, {args.steps} timed steps")
-    print(f"bare DDP (torchrun):       {ddp:.3f} steps/s (runs: {', '.join(f'{r:.3f}' for r in ddp_runs)})")
-    print(f"DeepSpeed (torchrun, no Ray): {ds:.3f} steps/s = {ds / ddp:.3f} x DDP "
-          f"(runs: {', '.join(f'{r:.3f}' for r in ds_runs)})")
-    print(f"Ray Train + DeepSpeed, local Ray without dashboard/metrics: {ray_lean['steps_per_s']:.3f} steps/s "
-          f"= {ray_lean['steps_per_s'] / ddp:.3f} x DDP")
-    print(f"Ray Train + DeepSpeed, dashboard on, metrics collection off: {ray_no_metrics['steps_per_s']:.3f} steps/s "
-          f"= {ray_no_metrics['steps_per_s'] / ddp:.3f} x DDP")
-    print(f"Ray Train + DeepSpeed, default local Ray:                   {ray_default['steps_per_s']:.3f} steps/s "
-          f"= {ray_default['steps_per_s'] / ds:.3f} x DeepSpeed under torchrun")
-    print(f"coordinator, ResNet-101 ZeRO-2, 2 ranks: {ray_default['coord_event_s'] * 1e3:.1f} ms per event = "
-          f"{frac:.3f} x one training step ({ray_default['r101_step_s'] * 1e3:.1f} ms at "
+          f"ZeRO-{args.stage}, {args.steps} timed steps, {args.rounds} round(s), load average at the end "
+          f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
+    print(f"bare DDP (torchrun): {statistics.median(ddp_all):.3f} steps/s median of {len(ddp_all)} runs "
+          f"[{min(ddp_all):.3f}-{max(ddp_all):.3f}]")
+    for name in loops:
+        r = ratios[name]
+        print(f"{name + ':':<58} {statistics.median(rates[name]):.3f} steps/s = {statistics.median(r):.3f} x DDP "
+              f"[{min(r):.3f}-{max(r):.3f} over rounds]")
+    frac = coord["coord_event_s"] / coord["r101_step_s"]
+    print(f"coordinator, ResNet-101 ZeRO-2, 2 ranks: {coord['coord_event_s'] * 1e3:.1f} ms per event = "
+          f"{frac:.3f} x one training step ({coord['r101_step_s'] * 1e3:.1f} ms at "
           f"{args.coord_size}px, batch {args.coord_batch}/rank)")
-    print(f"steps/s ratio (Ray+DeepSpeed / DDP, default local Ray): {ray_default['steps_per_s'] / ddp:.3f}")
+    default = ratios["Ray Train + DeepSpeed, default local Ray"]
+    print(f"steps/s ratio (Ray+DeepSpeed / DDP, default local Ray, median over rounds): {statistics.median(default):.3f}")
     return 0
+
+
+def rounds_of(args, loops: dict) -> tuple[dict, dict, list]:
+    """Each round runs every loop once, in an order rotated by one per round, with a bare DDP run
+    before each loop and after the last; a loop's figure in a round is its steps/s over the mean
+    of the two DDP runs around it, so a drift in the machine's load falls on both."""
+    names = list(loops)
+    ratios = {n: [] for n in names}
+    rates = {n: [] for n in names}
+    ddp_all = []
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        before = run_ddp(args)
+        ddp_all.append(before)
+        for name in order:
+            rate = loops[name]()
+            after = run_ddp(args)
+            ddp_all.append(after)
+            rates[name].append(rate)
+            ratios[name].append(rate / ((before + after) / 2))
+            before = after
+    return ratios, rates, ddp_all
 
 
 if __name__ == "__main__":
