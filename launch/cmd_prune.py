@@ -24,7 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", help="dense state dict (.safetensors, .pt or .pth); default: fresh init")
     parser.add_argument("--num-classes", type=int, help="classifier width (default: the family's; a factory "
                         "gets it as num_classes= if it takes that keyword)")
-    parser.add_argument("--policy", choices=POLICIES, default="sfp")
+    parser.add_argument("--policy", choices=POLICIES, default="pfec",
+                        help="pfec (default): convs inside residual blocks; sfp: every conv but projections; "
+                        "coupled: also the residual streams")
     parser.add_argument("--preset", help="PFEC configuration, e.g. resnet56-B (needs --policy pfec)")
     parser.add_argument("--criterion", choices=CRITERIA, default="l2")
     parser.add_argument("--rate", type=float, default=0.3, help="fraction of filters pruned, in [0, 1)")

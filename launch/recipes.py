@@ -28,16 +28,20 @@ def _imagenet(name: str, model: str, workers: int, epochs: int = 100) -> dict[st
 
 
 def resnet101_asfp(workers: int = 8) -> dict[str, Any]:
-    """ResNet-101 ASFP on ImageNet: L2 criterion, P=30%, D=1/8, `sfp` layer policy."""
+    """ResNet-101 ASFP on ImageNet: L2 criterion, D=1/8, P=35% of the inner convs (the default
+    policy), which cuts about the MACs the paper's P=30% of every conv cuts (42% against 41%, kept
+    counts rounded as by default).
+    `pruning.authors=true pruning.rate=0.3` is the paper's configuration."""
     cfg = _imagenet("r101-asfp", "resnet101", workers)
-    cfg["pruning"] = {"method": "asfp", "criterion": "l2", "policy": "sfp", "rate": 0.3, "asymptotic_d": 0.125}
+    cfg["pruning"] = {"method": "asfp", "criterion": "l2", "rate": 0.35, "asymptotic_d": 0.125}
     return cfg
 
 
 def resnet50_asfp(workers: int = 8) -> dict[str, Any]:
-    """ResNet-50 ASFP on ImageNet: P=30%, D=1/8."""
+    """ResNet-50 ASFP on ImageNet: D=1/8, P=35% of the inner convs (38% of the MACs, as the paper's
+    P=30% of every conv)."""
     cfg = _imagenet("r50-asfp", "resnet50", workers)
-    cfg["pruning"] = {"method": "asfp", "criterion": "l2", "policy": "sfp", "rate": 0.3, "asymptotic_d": 0.125}
+    cfg["pruning"] = {"method": "asfp", "criterion": "l2", "rate": 0.35, "asymptotic_d": 0.125}
     return cfg
 
 
@@ -54,10 +58,11 @@ def _cifar(name: str, model: str, epochs: int, milestones: list[int], gamma: flo
 
 
 def resnet56_sfp() -> dict[str, Any]:
-    """ResNet-56 SFP, CIFAR-style: 200 epochs, lr 0.1 x 0.2 at 60/120/160, wd 5e-4, P=40%,
-    soft masks every epoch, then finalize (hard mask, BN recalibration, 10 frozen epochs)."""
+    """ResNet-56 SFP, CIFAR-style: 200 epochs, lr 0.1 x 0.2 at 60/120/160, wd 5e-4, soft masks
+    every epoch, then finalize (hard mask, BN recalibration, 10 frozen epochs). P=53% of the inner
+    convs cuts the half of the MACs the paper's P=40% of every conv cuts."""
     cfg = _cifar("r56-sfp", "resnet56", 200, [60, 120, 160], 0.2, 5e-4)
-    cfg["pruning"] = {"method": "sfp", "criterion": "l2", "policy": "sfp", "rate": 0.4, "finetune_epochs": 10}
+    cfg["pruning"] = {"method": "sfp", "criterion": "l2", "rate": 0.53, "finetune_epochs": 10}
     return cfg
 
 
@@ -89,7 +94,7 @@ def smoke(model: str = "resnet101", size: int = 32, classes: int = 10) -> dict[s
         # (SGD at the paper's lr diverges at batch 16 per rank).
         "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.01},
         "lr": {"schedule": "cosine", "warmup_epochs": 0.5},
-        "pruning": {"method": "asfp", "criterion": "l2", "policy": "sfp", "rate": 0.3, "asymptotic_d": 0.125,
+        "pruning": {"method": "asfp", "criterion": "l2", "rate": 0.35, "asymptotic_d": 0.125,
                     "finetune_epochs": 1, "recalibrate_batches": 8},
         "scaling": {"workers": 2, "cpus_per_worker": 1},
         "checkpoint": {"keep": 1},  # a ResNet-101 checkpoint with AdamW state is ~0.65 GB

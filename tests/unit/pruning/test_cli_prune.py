@@ -40,7 +40,7 @@ def test_prune_with_a_preset(tmp_path):
     (["--model", "resnet20", "--rate", "1.0"], "--rate must be in [0, 1)"),
     (["--model", "resnet21"], "unknown model 'resnet21'"),
     (["--model", "resnet56", "--policy", "pfec", "--preset", "resnet99-Z"], "unknown preset"),
-    (["--model", "resnet56", "--preset", "resnet56-A"], "--policy pfec"),
+    (["--model", "resnet56", "--policy", "sfp", "--preset", "resnet56-A"], "--policy pfec"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, needle):
     assert main(["prune", *argv, "--out", str(tmp_path / "o")]) == 2

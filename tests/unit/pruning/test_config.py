@@ -10,7 +10,7 @@ from pruning import PruningConfig
 
 def test_defaults_and_derived_schedule():
     cfg = PruningConfig()
-    assert cfg.method == "none" and cfg.rate == 0.3 and cfg.policy == "sfp" and cfg.round_to == "auto"
+    assert cfg.method == "none" and cfg.rate == 0.3 and cfg.policy == "pfec" and cfg.round_to == "auto"
     assert PruningConfig(round_to="8").round_to == 8  # a CLI override arrives as text
     assert PruningConfig(method="asfp").resolved_schedule == "asymptotic"
     assert PruningConfig(method="pfec").resolved_schedule == "one_shot"
@@ -38,7 +38,7 @@ def test_bad_values_name_the_field(field, value, needle):
 def test_preset_is_normalised_and_needs_pfec_layer_scope():
     assert PruningConfig(policy="pfec", preset="ResNet56_b").preset == "resnet56-B"
     with pytest.raises(pydantic.ValidationError, match="policy='pfec'"):
-        PruningConfig(preset="resnet56-B")
+        PruningConfig(policy="sfp", preset="resnet56-B")
     with pytest.raises(pydantic.ValidationError, match="scope"):
         PruningConfig(policy="pfec", preset="resnet56-B", scope="global")
 
@@ -81,3 +81,12 @@ def test_norm_control_is_on_for_soft_methods_by_default_and_authors_turns_it_off
 def test_authors_flag_refuses_contradictions(fields, words):
     with pytest.raises(ValueError, match=words):
         PruningConfig(**fields)
+
+
+def test_authors_flag_selects_the_papers_layer_policy():
+    assert PruningConfig(method="asfp").policy == "pfec"
+    authors = PruningConfig(method="asfp", authors=True)
+    assert (authors.policy, authors.zero_moments, authors.norm_control) == ("sfp", False, "none")
+    assert PruningConfig(method="sfp", authors=True, policy="sfp").policy == "sfp"
+    with pytest.raises(pydantic.ValidationError, match="drop policy=pfec"):
+        PruningConfig(method="sfp", authors=True, policy="pfec")
