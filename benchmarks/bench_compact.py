@@ -13,6 +13,8 @@ ratio from each model's fastest round (the least disturbed by other processes).
 
   python benchmarks/bench_compact.py                 # resnet50 224px, batches 1 and 8
   python benchmarks/bench_compact.py --quick         # resnet18 160px, round_to 1 and 8, batch 1 and 4
+  python benchmarks/bench_compact.py --ort-graph     # no timing: the ops onnxruntime's optimiser
+                                                     # leaves in each model (why a runtime lags)
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per runtime and batch")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--quick", action="store_true", help="resnet18 160px, round_to 1,8, batches 1,4, 3 rounds")
+    p.add_argument("--ort-graph", action="store_true",
+                   help="print the op counts of each model after onnxruntime's graph optimisation; no timing")
     a = p.parse_args()
     if a.quick:
         a.model, a.size, a.round_to, a.batches, a.repeats = "resnet18", 160, "1,8", "1,4", 3
@@ -102,6 +106,8 @@ def main() -> None:
     torch.manual_seed(0)
     dense = create_model(a.model).eval()
     models = compacted(dense, a)
+    if a.ort_graph:
+        return ort_graphs(models, a.size)
     macs = {name: count_flops(m, a.size).macs for name, m in models.items()}
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
@@ -132,6 +138,29 @@ def main() -> None:
                     print(f"{name:<14}{runtime:<15}{batch:>5}{base:>10.1f}{ms:>11.1f}{measured:>8.2f}x"
                           f"{theory:>7.2f}x{measured / theory:>12.2f}{fastest:>8.2f}", flush=True)
     summary(a, figures, compact_ms)
+
+
+def ort_graphs(models: dict[str, torch.nn.Module], size: int) -> None:
+    """Op counts of each exported model as onnxruntime's CPU provider runs it (its default, full
+    optimisation: convs become NCHWc-blocked Conv, and any op that needs the plain layout costs a
+    ReorderInput/ReorderOutput of the whole activation)."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    scratch = Path(__file__).resolve().parents[1] / ".cache"
+    scratch.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+        for name, model in models.items():
+            path = write(fold_for_export(model), "onnx", Path(tmp) / f"{name.replace(' ', '_')}.onnx", size)
+            options = ort.SessionOptions()
+            options.log_severity_level = 3  # its warning that the saved graph is machine specific
+            options.optimized_model_filepath = str(path.with_suffix(".opt.onnx"))
+            ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            nodes = onnx.load(options.optimized_model_filepath).graph.node
+            ops = collections.Counter(n.op_type for n in nodes)
+            print(f"{name:<14}" + ", ".join(f"{op} {k}" for op, k in sorted(ops.items())), flush=True)
 
 
 def summary(a, figures: dict, compact_ms: dict) -> None:
