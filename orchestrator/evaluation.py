@@ -63,8 +63,11 @@ def recalibrate_bn(model: nn.Module, batches, mean, std, limit: int) -> int:
     """Re-estimate BN running statistics with the current (masked) weights on training batches.
 
     Statistics are reset and accumulated as a plain average (momentum None), then averaged over
-    ranks. Returns the number of batches used on this rank.
+    ranks. Returns the number of batches used on this rank. `limit` 0 leaves them as they are
+    (a reset without batches would leave BN at mean 0, variance 1: a chance-level model).
     """
+    if limit <= 0:
+        return 0
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [m.momentum for m in bns]
     for m in bns:

@@ -151,3 +151,25 @@ def test_compacted_at_the_freeze_resumes_compact_and_an_earlier_checkpoint_compa
     again, _ = _train(_cfg(shards, tmp_path / "c"), Kept(tmp_path / "ckpts_c"), resume=before)
     assert again.state.algorithm["compacted"] and again.state.arch_spec["kept"] == states[4].arch_spec["kept"]
     assert again.report["pruned"]["params"] == report["pruned"]["params"]
+
+
+def test_no_recalibration_batches_keep_the_bn_statistics(world_of_one, shards, tmp_path):
+    """`recalibrate_batches=0` skips the recalibration: no stage for it, and the BN statistics
+    the masked model had (a reset without batches would leave BN at mean 0, variance 1)."""
+    from orchestrator.evaluation import recalibrate_bn
+
+    bn = torch.nn.BatchNorm2d(4)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), bn)
+    bn.running_mean.fill_(0.5)
+    bn.running_var.fill_(2.0)
+    images = torch.randint(0, 255, (2, 3, 8, 8), dtype=torch.uint8)
+    assert recalibrate_bn(model, [(images,)], (0.5,) * 3, (0.25,) * 3, limit=0) == 0
+    assert bool((bn.running_mean == 0.5).all()) and bool((bn.running_var == 2.0).all())
+    assert recalibrate_bn(model, [(images,)], (0.5,) * 3, (0.25,) * 3, limit=1) == 1
+    assert not bool((bn.running_mean == 0.5).all())  # what a real recalibration changes
+
+    cfg = _cfg(shards, tmp_path, pruning={"method": "sfp", "rate": 0.4, "finetune_epochs": 1,
+                                          "recalibrate_batches": 0})
+    run, _ = _train(cfg, Kept(tmp_path / "ckpts"))
+    stages = run.report["stages"]
+    assert "recalibrated" not in stages and {"soft", "hard", "finetuned"} <= set(stages)
