@@ -4,7 +4,8 @@
    same model, batch, threads and in-memory batches (so only the framework differs); target >= 0.97.
    The gap is split in two by a third loop, the same DeepSpeed engine under torchrun without Ray:
    DDP -> DeepSpeed is DeepSpeed's share, DeepSpeed under torchrun -> under Ray is Ray's (its
-   worker process, and its dashboard/metrics daemons, shown by runs without them). On a shared
+   worker process, and its dashboard/metrics daemons, shown by runs without them; the headline is
+   the local Ray softprune starts, metrics collection off, beside Ray's defaults). On a shared
    2-core machine one window per loop could not resolve a few percent (the same code measured
    0.84 and 1.01 x DDP on two days), so each loop runs in --rounds interleaved rounds, each
    figure against the DDP runs right before and after it, and the median and range are printed;
@@ -165,6 +166,10 @@ def ray_worker(loop_config: dict) -> None:
                                               "coord_event_s": sorted(times)[len(times) // 2]}))
 
 
+# the local Ray softprune starts (orchestrator.driver.ensure_ray): dashboard on, metrics collection off
+SOFTPRUNE_LOCAL = "Ray Train + DeepSpeed, softprune's local Ray (metrics off)"
+
+
 def run_ray(args, dashboard: bool = True, metrics: bool = True, coord: bool = False) -> dict:
     import ray
     from ray.train import RunConfig, ScalingConfig
@@ -173,7 +178,7 @@ def run_ray(args, dashboard: bool = True, metrics: bool = True, coord: bool = Fa
     from orchestrator.driver import default_ray_temp_dir
     from orchestrator.env import worker_env
 
-    if not metrics:  # no metrics recording and export (a candidate setting for local runs)
+    if not metrics:  # no metrics recording and export (what orchestrator.driver.ensure_ray sets)
         os.environ["RAY_enable_metrics_collection"] = "0"
     ray.init(address="local", num_cpus=2, _temp_dir=default_ray_temp_dir("_b"), log_to_driver=False,
              include_dashboard=dashboard)
@@ -233,9 +238,9 @@ def main() -> int:
 
     loops = {  # name -> steps/s of one run; bare DDP runs before each and after the last
         "DeepSpeed (torchrun, no Ray)": lambda: run_ddp(args, "--ds-worker"),
-        "Ray Train + DeepSpeed, default local Ray": ray_default,
+        "Ray Train + DeepSpeed, Ray's defaults": ray_default,
         "Ray Train + DeepSpeed, no dashboard, no metrics": lambda: run_ray(args, False, False)["steps_per_s"],
-        "Ray Train + DeepSpeed, dashboard, metrics collection off": lambda: run_ray(args, metrics=False)["steps_per_s"],
+        SOFTPRUNE_LOCAL: lambda: run_ray(args, metrics=False)["steps_per_s"],
     }
     ratios, rates, ddp_all = rounds_of(args, loops)
     coord = first_default["run"]
@@ -252,8 +257,8 @@ def main() -> int:
     print(f"coordinator, ResNet-101 ZeRO-2, 2 ranks: {coord['coord_event_s'] * 1e3:.1f} ms per event = "
           f"{frac:.3f} x one training step ({coord['r101_step_s'] * 1e3:.1f} ms at "
           f"{args.coord_size}px, batch {args.coord_batch}/rank)")
-    default = ratios["Ray Train + DeepSpeed, default local Ray"]
-    print(f"steps/s ratio (Ray+DeepSpeed / DDP, default local Ray, median over rounds): {statistics.median(default):.3f}")
+    ours = ratios[SOFTPRUNE_LOCAL]
+    print(f"steps/s ratio (Ray+DeepSpeed / DDP, softprune's local Ray, median over rounds): {statistics.median(ours):.3f}")
     return 0
 
 

@@ -48,6 +48,10 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     # (without it the driver prints "Failed to query Ray Train Controller actor state" every few s).
     # A local cluster listens on loopback only; token auth would just write ~/.ray/auth_token.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Ray's metrics recording and export serve a Prometheus that a local cluster does not have,
+    # and cost the training loop about 7% of a 2-core machine (benchmarks/bench_overhead.py:
+    # 0.895 -> 0.968 x bare DDP, docs/results.md); RAY_enable_metrics_collection=1 turns it back on.
+    os.environ.setdefault("RAY_enable_metrics_collection", "0")
     ray.init(address="local", num_cpus=num_cpus, _temp_dir=default_ray_temp_dir(), log_to_driver=True)
     return True
 
