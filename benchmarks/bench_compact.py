@@ -78,6 +78,13 @@ def compacted(dense, a) -> dict[str, torch.nn.Module]:
     return models
 
 
+def _scratch() -> Path:
+    """Where exported models go: the checkout's .cache, not /tmp (a fresh clone has none yet)."""
+    scratch = Path(__file__).resolve().parents[1] / ".cache"
+    scratch.mkdir(exist_ok=True)
+    return scratch
+
+
 def runner(runtime: str, model, size: int, tmp: Path, name: str) -> Callable[[torch.Tensor], object]:
     if runtime == "onnx":
         path = write(fold_for_export(model), "onnx", tmp / f"{name.replace(' ', '_')}.onnx", size)
@@ -117,9 +124,7 @@ def main() -> None:
           f"{'theory':>8}{'meas/theory':>12}{'fastest':>8}")
     figures: dict[tuple[str, str, int], float] = {}
     compact_ms: dict[tuple[str, str, int], float] = {}
-    scratch = Path(__file__).resolve().parents[1] / ".cache"  # exported models: in the checkout, not /tmp
-    scratch.mkdir(exist_ok=True)  # a fresh clone has none yet
-    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+    with tempfile.TemporaryDirectory(dir=_scratch()) as tmp:
         for runtime in a.runtimes:
             runs = {name: runner(runtime, m, a.size, Path(tmp), name) for name, m in models.items()}
             for batch in a.batches:
@@ -149,9 +154,7 @@ def ort_graphs(models: dict[str, torch.nn.Module], size: int) -> None:
     import onnx
     import onnxruntime as ort
 
-    scratch = Path(__file__).resolve().parents[1] / ".cache"
-    scratch.mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+    with tempfile.TemporaryDirectory(dir=_scratch()) as tmp:
         for name, model in models.items():
             path = write(fold_for_export(model), "onnx", Path(tmp) / f"{name.replace(' ', '_')}.onnx", size)
             options = ort.SessionOptions()

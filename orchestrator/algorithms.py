@@ -274,12 +274,14 @@ class SoftPruning(NoPruning):
         self._faithful_candidate(run)
         m.mask_event(run, m.keep_current(), hard=True, rate=None)
         run.record_stage("hard", run.evaluate())
+        stage = "hard"
         if cfg.pruning.recalibrate_batches:  # the config, not `used`: every rank takes the same branch
             run.train_loader.set_epoch(run.state.epoch)
             used = recalibrate_bn(run.model, run.train_loader, cfg.data.mean, cfg.data.std,
                                   cfg.pruning.recalibrate_batches)
-            run.record_stage("recalibrated", dict(run.evaluate(), batches=used))
-        run.last_eval = run.state.stages["recalibrated" if cfg.pruning.recalibrate_batches else "hard"]
+            stage = "recalibrated"
+            run.record_stage(stage, dict(run.evaluate(), batches=used))
+        run.last_eval = run.state.stages[stage]
         if then_train and cfg.pruning.compact_at_freeze:
             from .compaction import compact_run
 
