@@ -117,7 +117,7 @@ def event(handler, run: Run) -> None:
 def train_epoch(run: Run, algo, progress: Progress) -> dict[str, float]:
     """One pass over this rank's training shards (resuming mid-epoch after a restart, at any world
     size). Each optimizer step takes `run.accum` micro-batches (elastic groups keep the global batch)."""
-    cfg, state = run.cfg, run.state
+    state = run.state
     loader = run.train_loader
     loader.set_epoch(state.epoch)
     # optimizer steps of this pass (equal on every rank); a resumed pass starts at a step boundary

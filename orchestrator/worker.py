@@ -4,7 +4,6 @@ operations the loop and the pruning algorithms call on it (evaluate, checkpoint,
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time

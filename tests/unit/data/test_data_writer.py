@@ -8,7 +8,6 @@ import json
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 

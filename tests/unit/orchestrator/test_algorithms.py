@@ -9,7 +9,6 @@ import functools
 import json
 
 import pytest
-import torch.distributed as dist
 
 EVENTS = ("on_train_start", "on_epoch_start", "on_step_end", "on_epoch_end", "on_finish")
 
@@ -30,18 +29,6 @@ class Recorder:
             self._calls.append(name)
             return value(run)
         return noted
-
-
-@pytest.fixture(scope="module")
-def world_of_one(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):  # what a launcher sets
-        mp.setenv(key, value)
-    store = tmp_path_factory.mktemp("pg") / "store"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-    mp.undo()
 
 
 @pytest.fixture(scope="module")

@@ -16,32 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 STEPS = 4  # optimizer steps per epoch: 32 samples, batch 8
-
-
-@pytest.fixture(scope="module")
-def world_of_one(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):  # what a launcher sets
-        mp.setenv(key, value)
-    store = tmp_path_factory.mktemp("pg") / "store"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    _forget_deepspeed_world_group()
-    yield
-    dist.destroy_process_group()
-    mp.undo()
-
-
-def _forget_deepspeed_world_group() -> None:
-    """DeepSpeed keeps a clone of the first world group it saw (`groups._WORLD_GROUP`); after an
-    earlier test module's group of one was destroyed, the next engine would broadcast over it."""
-    import sys
-
-    groups = sys.modules.get("deepspeed.utils.groups")
-    if groups is not None:
-        groups._WORLD_GROUP = None
 
 
 @pytest.fixture(scope="module")

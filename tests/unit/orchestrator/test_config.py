@@ -72,8 +72,6 @@ def test_yaml_and_json_files_round_trip(tmp_path):
 
 
 def test_every_recipe_validates():
-    from launch import recipes
-
     for name in ("resnet101_asfp", "resnet50_asfp", "resnet56_sfp", "resnet56_pfec", "vgg16_pfec", "smoke"):
         cfg = load_config(f"launch.recipes:{name}", ["data.train=/x/manifest.json"])
         assert isinstance(cfg, TrainConfig) and cfg.pruning.method != "none"

@@ -186,7 +186,7 @@ def test_ray_gets_our_filesystem_without_credentials_in_it(s3):
     assert os.environ["AWS_ENDPOINT_URL"].split("//")[1].encode() in blob
     with pickle.loads(blob).open_output_stream(f"{s3.name}/runs/x") as out:  # and it reaches the server
         out.write(b"x")
-    assert f"runs/x" in s3.keys("runs/")
+    assert "runs/x" in s3.keys("runs/")
     assert storage.location_of(s3.uri("runs"), f"{s3.name}/runs/n/checkpoint_1") == s3.uri("runs", "n", "checkpoint_1")
     assert storage.ray_storage("rel/runs")["storage_path"] == str(Path("rel/runs").resolve())
 
