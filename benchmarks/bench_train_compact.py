@@ -1,17 +1,17 @@
 """Training step time of the compacted model against the full-size one: what `compact_at_freeze`
 buys the frozen-mask epochs.
 
-One training step = forward, backward and an SGD step with momentum (plain torch, CPU, one
-process, a fixed number of threads, train mode). Models: ResNet-50 dense; the same with frozen
-hard masks and gradient hooks (what `compact_at_freeze: false` trains: it costs the dense MACs);
-and the hard-compacted model at P=0.4 under `coupled` and `sfp`, with the optimizer state cut to
-fit (`pruning.reslice`), with kept counts as chosen (round_to 1) and rounded up to multiples of 8
-and 16 (`pruning.round_to`: oneDNN's fp32 kernels work in blocks of 8 or 16 channels and pad the
-rest, so an odd width pays for the padding). Each model's step time is the fastest of its timed steps, in interleaved
-rounds after warm-up (on a shared CPU other processes only ever add time). Printed against the
-MACs ratio (dense / compacted, counted): achieved speed-up / theoretical. Target >= 0.9 on
-`coupled`. This is CPU only: on a GPU small layers are launch- and bandwidth-bound, so the ratio
-there is its own measurement. The last line is the figure.
+One training step = forward, backward and an SGD step with momentum (plain torch, CPU, one process,
+a fixed number of threads, train mode). Models: ResNet-50 dense; the same with frozen hard masks and
+gradient hooks (what `compact_at_freeze: false` trains: it costs the dense MACs); and the hard-
+compacted model at P=0.4 under `coupled`, `sfp` and `pfec` (the default), with the optimizer state
+cut to fit (`pruning.reslice`), with kept counts as chosen (round_to 1) and rounded up to multiples
+of 8 and 16 (`pruning.round_to`: oneDNN's fp32 kernels work in blocks of 8 or 16 channels and pad
+the rest, so an odd width pays for the padding). Each model's step time is the fastest of its timed
+steps, in interleaved rounds after warm-up (on a shared CPU other processes only ever add time).
+Printed against the MACs ratio (dense / compacted, counted): achieved speed-up / theoretical. Target
+>= 0.9 on `coupled`. This is CPU only: on a GPU small layers are launch- and bandwidth-bound, so the
+ratio there is its own measurement. The last line is the figure.
 
 Denormal floats are flushed to zero: a few training steps of a fresh ResNet-50 leave tiny values
 whose slow path made single steps 5x slower at random (seen: 3.4 s rising to 19 s), which would
@@ -67,7 +67,8 @@ class Trainee:
         return {n: dict(self.opt.state[p]) for n, p in self.model.named_parameters() if p in self.opt.state}
 
 
-VARIANTS = (("coupled", 1), ("coupled", 8), ("coupled", 16), ("sfp", 1), ("sfp", 8))
+# pfec (inner convs only) is the default policy: the residual streams keep their width
+VARIANTS = (("coupled", 1), ("coupled", 8), ("coupled", 16), ("sfp", 1), ("sfp", 8), ("pfec", 1), ("pfec", 8))
 
 
 def compacted(dense: Trainee, policy: str, round_to: int, x, y) -> tuple[Trainee, int]:
@@ -100,8 +101,11 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     torch.set_flush_denormal(True)
     torch.manual_seed(0)
-    x, y = torch.randn(BATCH, 3, SIZE, SIZE), torch.randint(0, 1000, (BATCH,))
-    dense = Trainee(create_model(MODEL), x, y)
+    model, x = create_model(MODEL), torch.randn(BATCH, 3, SIZE, SIZE)
+    with torch.no_grad():
+        classes = model.eval()(x[:1]).shape[1]
+    y = torch.randint(0, classes, (BATCH,))
+    dense = Trainee(model, x, y)
     dense.step()  # momentum buffers exist: compaction cuts them
     dense_macs = count_flops(dense.model.eval(), SIZE).macs
     dense.model.train()
