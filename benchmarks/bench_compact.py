@@ -1,6 +1,6 @@
 """CPU latency of compacted vs dense models: measured speed-up against the MACs ratio.
 
-For each policy (`coupled`, `sfp`) and each `round_to` (kept channel counts rounded up to that
+For each policy (`pfec`, the default; `coupled`; `sfp`) and each `round_to` (kept channel counts rounded up to that
 multiple by `pruning.select`), the model pruned at P is compacted and timed beside the dense model
 in three runtimes: torch eager NCHW, torch eager channels_last, and onnxruntime (both models
 through `fold_for_export` and `pruning.export.write`, loaded with `load_runner`). Eval mode, no
@@ -45,7 +45,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--model", default="resnet50")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--rate", type=float, default=0.3)
-    p.add_argument("--policies", default="coupled,sfp")
+    p.add_argument("--policies", default="pfec,coupled,sfp")
     p.add_argument("--round-to", default="1,4,8,16,auto", help="multiples, or auto (the training default)")
     p.add_argument("--batches", default="1,8", help="batch 1 (latency) and a throughput batch")
     p.add_argument("--runtimes", default=",".join(RUNTIMES))
