@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.unit.orchestrator.test_compact_at_freeze import Kept, _train, world_of_one  # noqa: F401 (fixture)
+from tests.unit.orchestrator.test_compact_at_freeze import Kept, _train
 
 NAME = "tests.user_models:small_net"
 
