@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data import DataConfig, make_train_loader, make_val_loader, normalize
 from models import create_model
+from orchestrator.evaluation import evaluate
 from pruning import (
     PruningConfig,
     apply_masks,
@@ -122,17 +123,6 @@ class Study:
                          if self.masks is not None else filter_norm_stats(weights, self.opt.param_groups[0]["lr"]))
 
 
-def _accuracy(model, loader, cfg) -> float:
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for images, labels, valid in loader:
-            pred = model(normalize(images, cfg.mean, cfg.std)).argmax(1)
-            correct += int(((pred == labels) & valid).sum())
-            total += int(valid.sum())
-    return correct / max(total, 1)
-
-
 def _recalibrated_hard_top1(s: Study, train, val, cfg) -> float:
     apply_masks(s.model, s.groups, s.masks, hard=True)
     for m in s.model.modules():
@@ -145,7 +135,7 @@ def _recalibrated_hard_top1(s: Study, train, val, cfg) -> float:
             s.model(normalize(images, cfg.mean, cfg.std))
             if i >= 20:
                 break
-    return _accuracy(s.model, val, cfg)
+    return evaluate(s.model, val, cfg.mean, cfg.std)["top1"]
 
 
 def run(args, variant: str) -> dict:
@@ -172,7 +162,7 @@ def run(args, variant: str) -> dict:
                 s.event(epoch)
         if not args.every_steps and s.zero_moments is not None:
             s.event(epoch)
-        row = {"epoch": epoch, "loss": sum(losses) / len(losses), "top1": _accuracy(s.model, val, cfg),
+        row = {"epoch": epoch, "loss": sum(losses) / len(losses), "top1": evaluate(s.model, val, cfg.mean, cfg.std)["top1"],
                "seconds": time.perf_counter() - start, **{f"kept_{k}": v for k, v in s.norms().items()}}
         s.epochs.append(row)
         print(f"{variant:12s} epoch {epoch:3d} loss {row['loss']:.3f} top1 {row['top1']:.3f} "

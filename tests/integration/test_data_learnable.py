@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from data import DataConfig, make_train_loader, make_val_loader, normalize, write_synthetic
+from orchestrator.evaluation import evaluate
 
 CLASSES = 10
 EPOCHS = 3
@@ -20,17 +21,6 @@ def _tiny_cnn() -> nn.Module:
         nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, CLASSES))
-
-
-def _val_accuracy(model, loader, cfg) -> float:
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for images, labels, valid in loader:
-            pred = model(normalize(images, cfg.mean, cfg.std)).argmax(1)
-            correct += int(((pred == labels) & valid).sum())
-            total += int(valid.sum())
-    return correct / total
 
 
 def _train(tmp_path, kind: str) -> tuple[float, list[float]]:
@@ -56,7 +46,7 @@ def _train(tmp_path, kind: str) -> tuple[float, list[float]]:
             opt.step()
             correct, seen = correct + int((logits.argmax(1) == labels).sum()), seen + len(labels)
         first_epoch_train_acc = first_epoch_train_acc or correct / seen
-        accuracies.append(_val_accuracy(model, val, cfg))
+        accuracies.append(evaluate(model, val, cfg.mean, cfg.std)["top1"])
     return first_epoch_train_acc, accuracies
 
 
