@@ -235,7 +235,8 @@ class SoftPruning(NoPruning):
         """`pruning.every_steps`: a soft event every N optimizer steps, at the schedule's rate of
         the fractional epoch (global_step is the same on every rank, so all ranks take part)."""
         every, state = self.cfg.pruning.every_steps, run.state
-        if every is None or self.frozen or state.epoch >= self.frozen_from or state.global_step % every:
+        if (every is None or self.frozen or not self.cfg.pruning.start_epoch <= state.epoch < self.frozen_from
+                or state.global_step % every):
             return
         loader = run.train_loader
         at = state.epoch + loader.samples_done() / max(loader.epoch_samples(), 1)

@@ -216,12 +216,16 @@ class TrainConfig(_Section):
             raise ValueError(f"pruning.freeze_epoch={p.freeze_epoch} is after the last epoch ({self.epochs})")
         if p.method == "pfec" and p.prune_epoch >= self.epochs:
             raise ValueError(f"pruning.prune_epoch={p.prune_epoch} must be below epochs={self.epochs}")
-        if p.teacher == "self" and p.method in ("sfp", "asfp") and not self.model.pretrained:
+        bound = ("pruning.freeze_epoch", p.freeze_epoch) if p.freeze_epoch is not None else ("epochs", self.epochs)
+        if p.start_epoch and p.start_epoch >= bound[1]:
+            raise ValueError(f"pruning.start_epoch={p.start_epoch} leaves no soft event: it must be below "
+                             f"{bound[0]}={bound[1]}")
+        if p.teacher == "self" and p.method in ("sfp", "asfp") and not self.model.pretrained and not p.start_epoch:
             # measured (docs/results.md, "Distillation"): distilling from weights one epoch old took
             # the frozen-mask epochs of a dev run from 82% to 36% top-1
             raise ValueError(f"pruning.teacher='self' is the run's weights before its first mask, and "
                              f"{p.method} masks from the first epoch, so they are untrained: set "
-                             f"model.pretrained, or give a dense run's final/ directory")
+                             f"model.pretrained or pruning.start_epoch, or give a dense run's final/ directory")
         if self.scaling.precision == "fp16" and self.scaling.gpus_per_worker == 0:
             raise ValueError("scaling.precision='fp16' needs GPUs; use fp32 or bf16 on CPU workers")
         return self

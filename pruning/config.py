@@ -37,6 +37,10 @@ class PruningConfig(BaseModel, extra="forbid"):
     asymptotic_d: float = 0.125  # ASFP's D
     last_prune_epoch: int | None = None  # E of the schedule; None = the run's last epoch
     prune_epoch: int = 0  # one_shot: the epoch whose start prunes (PFEC)
+    # SFP/ASFP: the first epoch at whose end masks are chosen; the epochs before it train dense.
+    # 0 is the papers' "from scratch"; a later start is their "from a pretrained model" inside the
+    # run's own budget. The rate curve starts here (ASFP: 0 at start_epoch, the goal at E).
+    start_epoch: int = 0
     every: int = 1  # mask every N epochs (SFP's epoch_prune)
     # mask every N optimizer steps instead (the schedule then reads the fractional epoch): the
     # papers had 391 (CIFAR) to ~5,000 (ImageNet) steps between events, whatever the data size
@@ -111,7 +115,7 @@ class PruningConfig(BaseModel, extra="forbid"):
             raise ValueError(f"{info.field_name} must be >= 1, got {v}")
         return v
 
-    @field_validator("prune_epoch", "finetune_epochs", "recalibrate_batches", "last_prune_epoch",
+    @field_validator("prune_epoch", "start_epoch", "finetune_epochs", "recalibrate_batches", "last_prune_epoch",
                      "freeze_epoch")
     @classmethod
     def _non_negative(cls, v: int | None, info) -> int | None:
@@ -155,6 +159,12 @@ class PruningConfig(BaseModel, extra="forbid"):
         if self.norm_control != "none" and self.method not in ("sfp", "asfp"):
             raise ValueError(f"norm_control acts at soft mask events: set method sfp or asfp "
                              f"(got method={self.method!r})")
+        if self.start_epoch and self.method not in ("sfp", "asfp"):
+            raise ValueError(f"start_epoch delays soft mask events: set method sfp or asfp (got method="
+                             f"{self.method!r}; PFEC prunes at prune_epoch)")
+        if self.last_prune_epoch is not None and self.start_epoch and self.last_prune_epoch <= self.start_epoch:
+            raise ValueError(f"last_prune_epoch={self.last_prune_epoch} must be after start_epoch="
+                             f"{self.start_epoch} (the schedule runs from one to the other)")
         if self.every_steps is not None and self.every != 1:
             raise ValueError(f"set either every (epochs) or every_steps (optimizer steps), not both "
                              f"(got every={self.every}, every_steps={self.every_steps})")

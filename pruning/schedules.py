@@ -1,6 +1,8 @@
 """Pruning-rate schedules: pure functions of the (fractional) epoch, so a resumed run recomputes
 the same rate. Step-counted events (`every_steps`) ask at fractional epochs, e.g. 2.25.
 
+S is `start_epoch` (default 0): SFP/ASFP's schedules are 0 before it and run from S to E, as if the
+run had started at S (the epochs before S train dense).
 E is the schedule's last epoch (`last_prune_epoch`; default the epoch before `freeze_epoch`, else
 the run's last 0-based epoch, `total_epochs - 1`); after E every schedule stays at the goal rate P.
 - constant (SFP): P from epoch 0.
@@ -73,17 +75,25 @@ def make_schedule(cfg: PruningConfig, total_epochs: int) -> Schedule:
     goal = 1.0 if cfg.preset is not None else cfg.rate
     if cfg.method == "none":
         return constant(0.0)
-    last = cfg.last_prune_epoch if cfg.last_prune_epoch is not None else default_last_epoch(cfg, total_epochs)
     kind = cfg.resolved_schedule
-    if kind == "constant":
-        return constant(goal)
     if kind == "one_shot":
         return one_shot(goal, cfg.prune_epoch)
+    last = cfg.last_prune_epoch if cfg.last_prune_epoch is not None else default_last_epoch(cfg, total_epochs)
+    start = cfg.start_epoch
+    if start and last <= start:
+        raise ValueError(f"the schedule needs its last epoch (E={last}) after start_epoch={start}")
+    shape = _soft_shape(kind, goal, last - start, cfg.asymptotic_d)
+    return shape if not start else (lambda epoch: 0.0 if epoch < start else shape(epoch - start))
+
+
+def _soft_shape(kind: str, goal: float, last: int, d: float) -> Schedule:
+    if kind == "constant":
+        return constant(goal)
     if kind == "linear":
         return linear(goal, last)
     if kind == "cubic":
         return cubic(goal, last)
-    return asymptotic(goal, last, cfg.asymptotic_d)
+    return asymptotic(goal, last, d)
 
 
 def default_last_epoch(cfg: PruningConfig, total_epochs: int) -> int:
@@ -95,10 +105,10 @@ def default_last_epoch(cfg: PruningConfig, total_epochs: int) -> int:
 
 
 def is_prune_epoch(cfg: PruningConfig, epoch: int) -> bool:
-    """Whether masks are recomputed at `epoch` (every `cfg.every` epochs; one-shot: only at its
-    epoch; frozen from `freeze_epoch` on)."""
+    """Whether masks are recomputed at `epoch` (every `cfg.every` epochs from `start_epoch`;
+    one-shot: only at its epoch; frozen from `freeze_epoch` on)."""
     if cfg.method == "none" or (cfg.freeze_epoch is not None and epoch >= cfg.freeze_epoch):
         return False
     if cfg.resolved_schedule == "one_shot":
         return epoch == cfg.prune_epoch
-    return epoch % cfg.every == 0
+    return epoch >= cfg.start_epoch and (epoch - cfg.start_epoch) % cfg.every == 0

@@ -124,6 +124,20 @@ def test_step_counted_mask_events_follow_the_fractional_schedule(world_of_one, s
     assert all(h["filter_norm"] > 0 and h["filter_eff_lr"] > 0 for h in run.state.history)
 
 
+def test_a_dense_start_holds_step_counted_events_until_start_epoch(world_of_one, shards, tmp_path, monkeypatch):
+    """`pruning.start_epoch=1`: epoch 0 trains dense (its step-3 event is skipped), then events at
+    steps 6, 9, 12 at the rate of the curve that starts at epoch 1."""
+    from pruning import make_schedule
+
+    cfg, run, _ = _run({"epochs": 3, "pruning.method": "asfp", "pruning.rate": 0.4, "pruning.every_steps": 3,
+                        "pruning.start_epoch": 1, "pruning.recalibrate_batches": 1}, shards, tmp_path, monkeypatch)
+    soft = [e for e in run.algorithm.state_dict()["history"] if not e["hard"]]
+    assert [e["global_step"] for e in soft] == [6, 9, 12, 12]
+    rate = make_schedule(cfg.pruning, cfg.epochs)
+    assert [e["rate"] for e in soft[:3]] == pytest.approx([rate(1.5), rate(2.25), rate(3.0)])
+    assert rate(0.75) == 0.0 and 0 < soft[0]["rate"] < soft[1]["rate"]
+
+
 def test_distillation_from_the_runs_own_weights_and_from_a_finished_run(world_of_one, shards, tmp_path,
                                                                         monkeypatch):
     """teacher=self: the weights just before the first mask event teach the frozen-mask epochs.

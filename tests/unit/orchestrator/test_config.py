@@ -53,6 +53,23 @@ def test_a_self_teacher_of_a_soft_method_needs_pretrained_weights(method, tmp_pa
     cfg = load_config(BASE, [f"pruning.method={method}", "pruning.teacher=self", f"model.pretrained={weights}"])
     assert cfg.pruning.teacher == "self"
     assert load_config(BASE, ["pruning.method=pfec", "pruning.teacher=self"]).pruning.teacher == "self"
+    # a dense warm-up trains the weights the first mask sees
+    warm = load_config(BASE, [f"pruning.method={method}", "pruning.teacher=self", "pruning.start_epoch=3",
+                              "epochs=10"])
+    assert warm.pruning.start_epoch == 3
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["pruning.method=sfp", "pruning.start_epoch=5", "pruning.freeze_epoch=5", "epochs=9"],
+     "start_epoch=5 leaves no soft event: it must be below pruning.freeze_epoch=5"),
+    (["pruning.method=asfp", "pruning.start_epoch=10", "epochs=10"], "start_epoch=10 leaves no soft event: it must be below epochs=10"),
+    (["pruning.method=pfec", "pruning.start_epoch=2"], "start_epoch delays soft mask events"),
+    (["pruning.method=asfp", "pruning.start_epoch=4", "pruning.last_prune_epoch=4"], "must be after start_epoch=4"),
+    (["pruning.method=sfp", "pruning.start_epoch=-1"], "pruning.start_epoch"),
+])
+def test_a_start_epoch_must_leave_soft_events(overrides, words):
+    with pytest.raises(ValueError, match=words):
+        load_config(BASE, overrides)
 
 
 def test_malformed_override():

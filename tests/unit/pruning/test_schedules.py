@@ -89,3 +89,16 @@ def test_the_goal_is_reached_before_the_masks_freeze():
     assert f(13) < 0.4
     explicit = make_schedule(PruningConfig(method="asfp", rate=0.4, freeze_epoch=15, last_prune_epoch=29), 30)
     assert explicit(14) < 0.4  # an explicit E wins
+
+
+def test_a_start_epoch_delays_the_events_and_shifts_the_curve():
+    """start_epoch=S: dense before S, then the schedule as if the run had started at S."""
+    sfp = _cfg(start_epoch=5, every=2, freeze_epoch=12)
+    f = make_schedule(sfp, 30)
+    assert [f(e) for e in (0, 4, 4.9, 5, 11)] == [0.0, 0.0, 0.0, 0.4, 0.4]
+    assert [e for e in range(15) if is_prune_epoch(sfp, e)] == [5, 7, 9, 11]
+    asfp = PruningConfig(method="asfp", rate=0.4, start_epoch=6, freeze_epoch=23)  # E = 22: 16 epochs from S
+    g, ref = make_schedule(asfp, 30), make_schedule(PruningConfig(method="asfp", rate=0.4, last_prune_epoch=16), 30)
+    assert g(3) == 0.0 and g(6) == pytest.approx(0.0, abs=1e-12) and g(22) == pytest.approx(0.4)
+    assert [g(6 + t / 2) for t in range(40)] == pytest.approx([ref(t / 2) for t in range(40)])
+    assert [e for e in range(30) if is_prune_epoch(asfp, e)] == list(range(6, 23))
