@@ -24,8 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train only these runs of the spec (the comparison still covers every "
                         "finished run)")
     parser.add_argument("--seeds", nargs="+", type=int, metavar="SEED", default=None,
-                        help="train only these of the spec's seeds (the comparison still covers every "
-                        "finished run)")
+                        help="train only these seeds; seeds the spec does not list are added to it for "
+                        "this command (more replicates; give them again with --report-only)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: rebuild the table and plots from the reports there are")
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from orchestrator.compare import load_spec, markdown_table, plan_runs, run_compare
 
     only, overrides = _split_only(args.only, list(args.overrides))
-    spec = load_spec(args.spec)
+    spec = load_spec(args.spec).with_seeds(args.seeds)
     plan = plan_runs(spec, overrides)  # every run's config, validated before anything starts
     comparison = run_compare(spec, plan, only=only, num_cpus=args.num_cpus, report_only=args.report_only,
                              allow_config_change=args.allow_config_change, verify_shards=args.verify_shards,

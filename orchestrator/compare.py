@@ -88,6 +88,16 @@ class CompareSpec(BaseModel):
             raise ValueError(f"baseline {self.baseline!r} is not one of the runs ({', '.join(self.runs)})")
         return self
 
+    def with_seeds(self, seeds: Sequence[int] | None) -> CompareSpec:
+        """This spec with `seeds` added after its own: more replicates, asked for on the command
+        line, without editing the spec (runs of the other seeds are then listed as missing)."""
+        extra = [s for s in dict.fromkeys(seeds or ()) if s not in self.seeds]
+        if not extra:
+            return self
+        if min(extra) < 0:
+            raise ValueError(f"--seeds must be >= 0 (got {min(extra)})")
+        return self.model_copy(update={"seeds": [*self.seeds, *extra]})
+
     def forbidden(self) -> tuple[str, ...]:
         return SET_BY_COMPARE + (("data.seed",) if self.data_seed else ())
 

@@ -230,8 +230,21 @@ def test_cli_reports_a_bad_spec_in_one_line(tmp_path, capsys):
     assert len(err) == 1 and "run 'dense' (seed 0): invalid config: pruning.rate" in err[0]
     assert main(["compare", str(spec), "--only", "pfec"]) == 2
     assert "--only: no run named 'pfec'" in capsys.readouterr().err
-    assert main(["compare", str(spec), "--seeds", "5"]) == 2
-    assert "--seeds: [5] not among the spec's seeds [0, 1]" in capsys.readouterr().err
+    assert main(["compare", str(spec), "--seeds", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["softprune compare: error: --seeds must be >= 0 (got -1)"]
+
+
+def test_seeds_from_the_command_line_extend_the_spec(tmp_path):
+    """`--seeds 1 5 3` on a spec of seeds [0, 1]: more replicates without editing the spec, each
+    with its own data order; the spec's own seeds come first."""
+    spec = load_spec(_spec_file(tmp_path))
+    wider = spec.with_seeds([1, 5, 5, 3])
+    assert wider.seeds == [0, 1, 5, 3] and spec.seeds == [0, 1]
+    planned = {(p.run, p.seed): p for p in plan_runs(wider)}
+    assert {s for _, s in planned} == {0, 1, 3, 5}
+    assert planned[("dense", 5)].cfg.seed == 5 and planned[("dense", 5)].cfg.data.seed == 5
+    assert spec.with_seeds(None) is spec and spec.with_seeds([0, 1]) is spec
 
 
 # -- plots -------------------------------------------------------------------------------------------
