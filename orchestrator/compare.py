@@ -18,6 +18,7 @@ initialisation and the same batches (a paired comparison).
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import statistics
 import time
@@ -424,13 +425,30 @@ def summarize_run(reports: Mapping[int, Mapping[str, Any] | None]) -> dict[str, 
     }
 
 
+# Student's t at 0.975 for 1 to 30 degrees of freedom (the normal's 1.96 beyond): with a handful
+# of seeds the interval is far wider than mean ± std/sqrt(n) (3 seeds: 4.3 std/sqrt(n))
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def ci95_half_width(figure: Mapping[str, Any]) -> float | None:
+    """Half-width of the 95% t interval of a `stats` mean (None below two values)."""
+    n, std = figure["n"], figure["std"]
+    if std is None or n < 2:
+        return None
+    t = _T975[n - 2] if n - 1 <= len(_T975) else 1.96
+    return t * std / math.sqrt(n)
+
+
 def _delta(run: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, Any]:
-    """Top-1 of `run` minus the baseline's: of the means, and paired over the seeds both have."""
+    """Top-1 of `run` minus the baseline's: of the means, and paired over the seeds both have
+    (with its 95% interval: a gap whose interval holds 0 is not resolved by these seeds)."""
     mean, ref = run["top1"]["mean"], base["top1"]["mean"]
     common = sorted(set(run["per_seed"]) & set(base["per_seed"]), key=int)
     paired = stats(run["per_seed"][s]["top1"] - base["per_seed"][s]["top1"] for s in common)
     return {"top1": mean - ref if mean is not None and ref is not None else None,
-            "paired": paired, "paired_seeds": [int(s) for s in common]}
+            "paired": paired, "paired_ci95": ci95_half_width(paired), "paired_seeds": [int(s) for s in common]}
 
 
 def aggregate(name: str, reports: Mapping[str, Mapping[int, Mapping[str, Any] | None]],
@@ -457,23 +475,34 @@ def _pct(figure: Mapping[str, Any], signed: bool = False) -> str:
     return text + (f" ± {100 * figure['std']:.2f}" if figure.get("std") is not None else "")
 
 
+def _paired(delta: Mapping[str, Any], is_base: bool) -> str:
+    paired, half = delta["paired"], delta.get("paired_ci95")
+    if is_base or paired["mean"] is None:
+        return "-"
+    spread = f" ± {100 * half:.2f}" if half is not None else ""
+    return f"{100 * paired['mean']:+.2f}{spread} ({paired['n']})"
+
+
 def markdown_table(comparison: Mapping[str, Any]) -> str:
     """The comparison as a markdown table: one row per run, figures in percent."""
     base = comparison["baseline"]
-    head = ["run", "method", "seeds", "shipped top-1 (%)", f"Δ top-1 vs {base} (pp)", "soft-masked top-1 (%)",
-            "MACs cut (%)", "params cut (%)", "shipped stage"]
+    head = ["run", "method", "seeds", "shipped top-1 (%)", f"Δ top-1 vs {base} (pp)", "paired Δ ± 95% (pp)",
+            "soft-masked top-1 (%)", "MACs cut (%)", "params cut (%)", "shipped stage"]
     rows = [head, ["---"] * len(head)]
     total = len(comparison["seeds"])
     for run, s in comparison["runs"].items():
         seeds = f"{s['n']}/{total}" + (f" (missing {', '.join(map(str, s['missing_seeds']))})"
                                         if s["missing_seeds"] else "")
         delta = "baseline" if run == base else _pct({"mean": s["delta_vs_baseline"]["top1"]}, signed=True)
-        rows.append([run, s["method"] or "-", seeds, _pct(s["top1"]), delta, _pct(s["soft_top1"]),
+        rows.append([run, s["method"] or "-", seeds, _pct(s["top1"]), delta, _paired(s["delta_vs_baseline"], run == base),
+                     _pct(s["soft_top1"]),
                      _pct({"mean": s["macs_cut"]["mean"]}), _pct({"mean": s["params_cut"]["mean"]}),
                      ", ".join(s["shipped_stages"]) or "-"])
     lines = ["| " + " | ".join(row) + " |" for row in rows]
     note = (f"\nTop-1 over {total} seed(s) {comparison['seeds']}: mean ± sample std. Δ: difference of the means, "
-            f"in percentage points.\n")
+            f"in percentage points. Paired Δ: the mean over the seeds both runs finished of (run - {base}), "
+            f"± the half-width of its 95% t interval (seeds in brackets); an interval that holds 0 does not "
+            f"separate the two runs.\n")
     return f"# Comparison {comparison['name']}\n\n" + "\n".join(lines) + "\n" + note
 
 

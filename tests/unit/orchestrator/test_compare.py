@@ -108,6 +108,10 @@ def test_mean_sample_std_sizes_and_baseline_delta():
     paired = sfp["delta_vs_baseline"]["paired"]
     assert paired["mean"] == pytest.approx(0.75 - 0.82)
     assert paired["std"] == pytest.approx(statistics.stdev([-0.10, -0.08, -0.03]))
+    # 95% t interval, 2 degrees of freedom: t = 4.303
+    half = 4.303 * statistics.stdev([-0.10, -0.08, -0.03]) / 3 ** 0.5
+    assert sfp["delta_vs_baseline"]["paired_ci95"] == pytest.approx(half)
+    assert f"| -7.00 | -7.00 ± {100 * half:.2f} (3) |" in markdown_table(c)  # 0 outside: resolved
     assert dense["delta_vs_baseline"]["top1"] == 0.0
     assert c["runs"]["sfp"]["per_seed"]["1"]["top1"] == 0.76  # every seed's value kept
     json.dumps(c)  # JSON-able as it is
@@ -438,8 +442,8 @@ def test_cli_report_only_prints_the_table(tmp_path, capsys):
         _write_report(p, dense_report(0.8) if p.run == "dense" else soft_report(0.7))
     assert main(["compare", str(spec_path), "--report-only"]) == 0
     out = capsys.readouterr().out
-    assert "| dense | none | 2/2 | 80.00 ± 0.00 | baseline | - | 0.00 | 0.00 | final |" in out
-    assert "| sfp | sfp | 2/2 | 70.00 ± 0.00 | -10.00 | 70.00 ± 0.00 | 40.00 |" in out
+    assert "| dense | none | 2/2 | 80.00 ± 0.00 | baseline | - | - | 0.00 | 0.00 | final |" in out
+    assert "| sfp | sfp | 2/2 | 70.00 ± 0.00 | -10.00 | -10.00 ± 0.00 (2) | 70.00 ± 0.00 | 40.00 |" in out
     assert out.count("reused") == 4
     assert (tmp_path / "runs" / "cmp" / "compare.md").read_text() in out
 
