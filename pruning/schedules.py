@@ -79,9 +79,7 @@ def make_schedule(cfg: PruningConfig, total_epochs: int) -> Schedule:
     if kind == "one_shot":
         return one_shot(goal, cfg.prune_epoch)
     last = cfg.last_prune_epoch if cfg.last_prune_epoch is not None else default_last_epoch(cfg, total_epochs)
-    start = cfg.start_epoch
-    if start and last <= start:
-        raise ValueError(f"the schedule needs its last epoch (E={last}) after start_epoch={start}")
+    start = cfg.start_epoch  # the config checked start < E where E is explicit; asymptotic checks its span
     shape = _soft_shape(kind, goal, last - start, cfg.asymptotic_d)
     return shape if not start else (lambda epoch: 0.0 if epoch < start else shape(epoch - start))
 

@@ -102,3 +102,13 @@ def test_a_start_epoch_delays_the_events_and_shifts_the_curve():
     assert g(3) == 0.0 and g(6) == pytest.approx(0.0, abs=1e-12) and g(22) == pytest.approx(0.4)
     assert [g(6 + t / 2) for t in range(40)] == pytest.approx([ref(t / 2) for t in range(40)])
     assert [e for e in range(30) if is_prune_epoch(asfp, e)] == list(range(6, 23))
+
+
+def test_sfp_may_start_at_its_last_soft_epoch():
+    """start_epoch = freeze_epoch - 1: one soft event at the goal rate, then the freeze (the
+    constant schedule needs no span; only ASFP's curve does)."""
+    cfg = _cfg(start_epoch=14, freeze_epoch=15)
+    f = make_schedule(cfg, 30)
+    assert (f(13), f(14)) == (0.0, 0.4) and [e for e in range(30) if is_prune_epoch(cfg, e)] == [14]
+    with pytest.raises(ValueError, match="E >= 1"):
+        make_schedule(PruningConfig(method="asfp", rate=0.4, start_epoch=14, freeze_epoch=15), 30)
