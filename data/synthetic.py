@@ -22,7 +22,9 @@ from PIL import Image
 from data.scenes import SCENES_VERSION, SceneTable, Style
 from data.shardset_writer import Sample, ShardJob, write_shard_set
 
-SPLIT_IDS = {"train": 0, "val": 1}
+# "test" is a held-out split from the same classes and distribution: a set with one scores a
+# finished model on images no run ever saw, neither in training nor in picking what it ships.
+SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 # "grating": this module's gratings; "scenes": textured shapes among clutter (data/scenes.py).
 KINDS = ("grating", "scenes")
 
@@ -101,24 +103,31 @@ class SyntheticProducer:
 
 def write_synthetic(out_dir: str | Path, classes: int, train: int, val: int, size: int, seed: int = 0,
                     shard_size: int = 1000, quality: int = 90, workers: int = 1,
-                    progress: bool = False, kind: str = "grating", style: dict | None = None) -> Path:
-    """Write `train` + `val` synthetic images of `size` px in `classes` classes; return the manifest path.
+                    progress: bool = False, kind: str = "grating", style: dict | None = None,
+                    test: int = 0) -> Path:
+    """Write `train` + `val` (+ `test`) synthetic images of `size` px in `classes` classes; return
+    the manifest path.
 
     `kind` is "grating" (this module's gratings) or "scenes" (data/scenes.py, the harder dev set);
     `style` overrides fields of the scenes' `Style` (recorded in the manifest's settings).
     Same layout as ImageNet shards (`train-000000.tar`, ..., `val-000000.tar`, `manifest.json`).
-    Running it again on a finished directory with the same arguments only re-verifies it.
+    `test` > 0 adds a held-out "test" split (`test-000000.tar`, ...); the train and val images
+    do not depend on it, so a set written with a test split holds the same train and val shards
+    as one written without. Running it again on a finished directory with the same arguments
+    only re-verifies it.
     """
     _check_synthetic_args(classes, train, val, size, shard_size, quality)
+    if test < 0:
+        raise ValueError(f"test must be at least 0, got {test}")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     jobs = []
-    for split, count in (("train", train), ("val", val)):
+    for split, count in (("train", train), ("val", val), ("test", test)):
         for n, lo in enumerate(range(0, count, shard_size)):
             hi = min(lo + shard_size, count)
             jobs.append(ShardJob(f"{split}-{n:06d}.tar", split, (split, lo, hi, count)))
     settings = {"kind": "synthetic", "classes": classes, "train": train, "val": val, "size": size,
-                "seed": seed, "shard_size": shard_size, "quality": quality}
+                "seed": seed, "shard_size": shard_size, "quality": quality, **({"test": test} if test else {})}
     if kind == "scenes":
         # Gratings keep the settings they always had (their shard sets still resume); a scenes set
         # records its generator's version, so that one written by an older generator is refused.

@@ -7,7 +7,9 @@ command line apply to every run, after the spec's (e.g. `data.train=... data.val
 is built and checked before the first one starts. Running the same command again reuses finished
 runs (their report.json) and resumes unfinished ones, so an interrupted comparison picks up where
 it stopped. The comparison goes to `<storage>/<name>/`: compare.json, compare.md, top1_vs_macs.png,
-curves.png, rate.png. Under `ray job submit -- softprune compare SPEC.yaml` it is one Ray job.
+curves.png, rate.png. With a held-out source (`--test`, or the spec's `test`), every shipped model
+is also scored on images no run saw (orchestrator/heldout.py). Under
+`ray job submit -- softprune compare SPEC.yaml` it is one Ray job.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train only these seeds; seeds the spec does not list are added to it for "
                         "this command (more replicates; give them again with --report-only)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")
+    parser.add_argument("--test", metavar="SOURCE", default=None,
+                        help="also score every finished run's shipped model on this held-out shard source "
+                        "(split 'test' unless SOURCE ends in #split; replaces the spec's `test`); scores "
+                        "are kept in <storage>/<name>/heldout.json and redone only for changed runs")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: rebuild the table and plots from the reports there are")
     add_preflight_arguments(parser)
@@ -44,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
 
     only, overrides = _split_only(args.only, list(args.overrides))
     spec = load_spec(args.spec).with_seeds(args.seeds)
+    if args.test is not None:
+        spec = spec.model_copy(update={"test": args.test or None})
     plan = plan_runs(spec, overrides)  # every run's config, validated before anything starts
     comparison = run_compare(spec, plan, only=only, num_cpus=args.num_cpus, report_only=args.report_only,
                              allow_config_change=args.allow_config_change, verify_shards=args.verify_shards,

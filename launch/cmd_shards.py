@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     syn.add_argument("--classes", type=int, required=True)
     syn.add_argument("--train", type=int, required=True, help="training images")
     syn.add_argument("--val", type=int, required=True, help="validation images")
+    syn.add_argument("--test", type=int, default=0,
+                     help="held-out test images (split 'test'; train and val do not depend on it), "
+                     "for `softprune compare --test`")
     syn.add_argument("--size", type=int, required=True, help="image side in pixels")
     syn.add_argument("--seed", type=int, default=0)
     syn.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
@@ -64,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
         path = write_synthetic(args.out, args.classes, args.train, args.val, args.size, seed=args.seed,
                                shard_size=args.shard_size, workers=args.workers,
-                               progress=not args.no_progress, kind=args.kind)
+                               progress=not args.no_progress, kind=args.kind, test=args.test)
     _summary(path)
     return 0
 

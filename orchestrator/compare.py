@@ -62,6 +62,9 @@ class CompareSpec(BaseModel):
     data_seed: bool = True  # a replicate's seed also sets data.seed (see the module docstring)
     runs: dict[str, list[str]] = Field(min_length=1)  # run name -> its overrides
     baseline: str | None = None  # the run deltas are taken against; None: the first run
+    # a held-out shard source (split "test" unless `#split` says otherwise) every finished run's
+    # shipped model is also scored on (orchestrator/heldout.py); None: validation top-1 only
+    test: str | None = None
 
     @field_validator("seeds")
     @classmethod
@@ -288,9 +291,12 @@ def run_compare(spec: CompareSpec, plan: Sequence[PlannedRun], only: Sequence[st
     aggregate every report of the spec and write the comparison. Returns it, or None while no
     run has finished."""
     from .driver import read_report
+    from .heldout import check_heldout
     from .preflight import preflight
 
     say = say or (lambda line: print(f"[compare] {line}", flush=True))
+    if spec.test:
+        check_heldout(spec.test, plan[0].cfg.model.num_classes if plan else None)
     unknown = sorted(set(only or ()) - set(spec.runs))
     if unknown:
         raise ValueError(f"--only: no run named {', '.join(map(repr, unknown))} in the spec "
@@ -320,9 +326,24 @@ def run_compare(spec: CompareSpec, plan: Sequence[PlannedRun], only: Sequence[st
     if not any(r is not None for seeds in by_run.values() for r in seeds.values()):
         say("no run has finished yet: nothing to compare")
         return None
-    comparison = aggregate(spec.name, by_run, spec.baseline)
+    heldout = score_heldout(spec, plan, reports, say) if spec.test else None
+    comparison = aggregate(spec.name, by_run, spec.baseline, heldout)
     write_comparison(comparison, spec.out_dir)
     return comparison
+
+
+def score_heldout(spec: CompareSpec, plan: Sequence[PlannedRun], reports: Mapping[tuple[str, int], Any],
+                  say: Callable[[str], None]) -> dict[str, dict[int, dict[str, Any]]]:
+    """Every finished run's shipped model scored on the spec's held-out source: `{run: {seed: figures}}`."""
+    from .heldout import score_runs
+
+    finished = {(p.run, p.seed): (p.output, p.cfg.data, reports[(p.run, p.seed)])
+                for p in plan if reports.get((p.run, p.seed)) is not None}
+    scored = score_runs(finished, spec.test, spec.out_dir, say)
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for (run, seed), figures in scored.items():
+        out.setdefault(run, {})[seed] = figures
+    return out
 
 
 # -- aggregation (pure) -----------------------------------------------------------------------
@@ -406,15 +427,20 @@ def mean_curves(per_seed: Mapping[int, Mapping[str, Any]], keys: Sequence[str]) 
     return out
 
 
-def summarize_run(reports: Mapping[int, Mapping[str, Any] | None]) -> dict[str, Any]:
-    """One run over its seeds (`{seed: report or None}`): means, stds, n, and every seed's figures."""
+def summarize_run(reports: Mapping[int, Mapping[str, Any] | None],
+                  heldout: Mapping[int, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """One run over its seeds (`{seed: report or None}`): means, stds, n, and every seed's figures.
+    `heldout` (`{seed: figures}`) adds each seed's held-out top-1 (`test_top1`)."""
     per_seed = {seed: seed_figures(r) for seed, r in reports.items() if r is not None}
+    for seed, fig in per_seed.items():
+        fig["test_top1"] = (heldout or {}).get(seed, {}).get("top1")
     figs = list(per_seed.values())
     return {
         "method": figs[0]["method"] if figs else None,  # one config per run: the same on every seed
         "n": len(figs), "seeds": sorted(per_seed), "missing_seeds": sorted(s for s, r in reports.items() if r is None),
         "shipped_stages": sorted({f["stage"] for f in figs}),
         "top1": stats(f["top1"] for f in figs), "soft_top1": stats(f["soft_top1"] for f in figs),
+        "test_top1": stats(f["test_top1"] for f in figs),
         "macs": stats(f["pruned"].get("macs") for f in figs), "dense_macs": stats(f["dense"].get("macs") for f in figs),
         "params": stats(f["pruned"].get("params") for f in figs),
         "dense_params": stats(f["dense"].get("params") for f in figs),
@@ -441,30 +467,48 @@ def ci95_half_width(figure: Mapping[str, Any]) -> float | None:
     return t * std / math.sqrt(n)
 
 
+def _paired_delta(run: Mapping[str, Any], base: Mapping[str, Any], key: str) -> tuple[dict, float | None, list[int]]:
+    """Mean over the seeds both runs have `key` for of (run - base), its 95% half-width, the seeds."""
+    common = sorted((s for s in set(run["per_seed"]) & set(base["per_seed"])
+                     if run["per_seed"][s].get(key) is not None and base["per_seed"][s].get(key) is not None), key=int)
+    paired = stats(run["per_seed"][s][key] - base["per_seed"][s][key] for s in common)
+    return paired, ci95_half_width(paired), [int(s) for s in common]
+
+
 def _delta(run: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, Any]:
     """Top-1 of `run` minus the baseline's: of the means, and paired over the seeds both have
-    (with its 95% interval: a gap whose interval holds 0 is not resolved by these seeds)."""
+    (with its 95% interval: a gap whose interval holds 0 is not resolved by these seeds); the
+    same for held-out top-1 (`test_*`) where both were scored."""
     mean, ref = run["top1"]["mean"], base["top1"]["mean"]
-    common = sorted(set(run["per_seed"]) & set(base["per_seed"]), key=int)
-    paired = stats(run["per_seed"][s]["top1"] - base["per_seed"][s]["top1"] for s in common)
+    paired, half, seeds = _paired_delta(run, base, "top1")
+    test, test_half, test_seeds = _paired_delta(run, base, "test_top1")
     return {"top1": mean - ref if mean is not None and ref is not None else None,
-            "paired": paired, "paired_ci95": ci95_half_width(paired), "paired_seeds": [int(s) for s in common]}
+            "paired": paired, "paired_ci95": half, "paired_seeds": seeds,
+            "test_paired": test, "test_paired_ci95": test_half, "test_paired_seeds": test_seeds}
 
 
 def aggregate(name: str, reports: Mapping[str, Mapping[int, Mapping[str, Any] | None]],
-              baseline: str | None = None) -> dict[str, Any]:
+              baseline: str | None = None,
+              heldout: Mapping[str, Mapping[int, Mapping[str, Any]]] | None = None) -> dict[str, Any]:
     """The comparison of `{run: {seed: report or None}}` (runs in table order); deltas are taken
-    against `baseline` (default: the first run)."""
+    against `baseline` (default: the first run). `heldout` (`{run: {seed: figures}}`, from
+    `score_heldout`) adds held-out top-1 and its paired deltas."""
     if not reports:
         raise ValueError("nothing to aggregate: no runs")
     baseline = baseline or next(iter(reports))
     if baseline not in reports:
         raise ValueError(f"baseline {baseline!r} is not one of the runs ({', '.join(reports)})")
-    runs = {run: summarize_run(seeds) for run, seeds in reports.items()}
+    runs = {run: summarize_run(seeds, (heldout or {}).get(run)) for run, seeds in reports.items()}
     for summary in runs.values():
         summary["delta_vs_baseline"] = _delta(summary, runs[baseline])
     return {"name": name, "baseline": baseline, "seeds": sorted({s for seeds in reports.values() for s in seeds}),
-            "runs": runs, "created_at": time.time()}
+            "runs": runs, "heldout": _heldout_source(heldout), "created_at": time.time()}
+
+
+def _heldout_source(heldout: Mapping[str, Mapping[int, Mapping[str, Any]]] | None) -> dict[str, Any] | None:
+    """Which held-out set the runs were scored on (the first figure's; score_runs uses one)."""
+    first = next((f for seeds in (heldout or {}).values() for f in seeds.values()), None)
+    return {k: first.get(k) for k in ("source", "split", "samples", "identity")} if first else None
 
 
 # -- the table and the files ------------------------------------------------------------------
@@ -475,8 +519,8 @@ def _pct(figure: Mapping[str, Any], signed: bool = False) -> str:
     return text + (f" ± {100 * figure['std']:.2f}" if figure.get("std") is not None else "")
 
 
-def _paired(delta: Mapping[str, Any], is_base: bool) -> str:
-    paired, half = delta["paired"], delta.get("paired_ci95")
+def _paired(delta: Mapping[str, Any], is_base: bool, prefix: str = "") -> str:
+    paired, half = delta[f"{prefix}paired"], delta.get(f"{prefix}paired_ci95")
     if is_base or paired["mean"] is None:
         return "-"
     spread = f" ± {100 * half:.2f}" if half is not None else ""
@@ -485,8 +529,9 @@ def _paired(delta: Mapping[str, Any], is_base: bool) -> str:
 
 def markdown_table(comparison: Mapping[str, Any]) -> str:
     """The comparison as a markdown table: one row per run, figures in percent."""
-    base = comparison["baseline"]
+    base, heldout = comparison["baseline"], comparison.get("heldout")
     head = ["run", "method", "seeds", "shipped top-1 (%)", f"Δ top-1 vs {base} (pp)", "paired Δ ± 95% (pp)",
+            *(["held-out top-1 (%)", "held-out paired Δ ± 95% (pp)"] if heldout else []),
             "soft-masked top-1 (%)", "MACs cut (%)", "params cut (%)", "shipped stage"]
     rows = [head, ["---"] * len(head)]
     total = len(comparison["seeds"])
@@ -494,8 +539,9 @@ def markdown_table(comparison: Mapping[str, Any]) -> str:
         seeds = f"{s['n']}/{total}" + (f" (missing {', '.join(map(str, s['missing_seeds']))})"
                                         if s["missing_seeds"] else "")
         delta = "baseline" if run == base else _pct({"mean": s["delta_vs_baseline"]["top1"]}, signed=True)
+        test = [_pct(s["test_top1"]), _paired(s["delta_vs_baseline"], run == base, "test_")] if heldout else []
         rows.append([run, s["method"] or "-", seeds, _pct(s["top1"]), delta, _paired(s["delta_vs_baseline"], run == base),
-                     _pct(s["soft_top1"]),
+                     *test, _pct(s["soft_top1"]),
                      _pct({"mean": s["macs_cut"]["mean"]}), _pct({"mean": s["params_cut"]["mean"]}),
                      ", ".join(s["shipped_stages"]) or "-"])
     lines = ["| " + " | ".join(row) + " |" for row in rows]
@@ -503,6 +549,9 @@ def markdown_table(comparison: Mapping[str, Any]) -> str:
             f"in percentage points. Paired Δ: the mean over the seeds both runs finished of (run - {base}), "
             f"± the half-width of its 95% t interval (seeds in brackets); an interval that holds 0 does not "
             f"separate the two runs.\n")
+    if heldout:
+        note += (f"Held-out: the shipped models scored on {heldout['samples']} images of {heldout['source']} "
+                 f"(split {heldout['split']}), which no run trained on or chose what it shipped by.\n")
     return f"# Comparison {comparison['name']}\n\n" + "\n".join(lines) + "\n" + note
 
 

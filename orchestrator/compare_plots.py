@@ -35,18 +35,42 @@ def top1_vs_macs_png(comparison: Mapping[str, Any], directory: str | Path) -> Pa
     plt, runs = _pyplot(), _finished(comparison)
     colours = _colours(comparison["runs"])
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    shift, step = _dodge({run: s["macs"]["mean"] / 1e6 for run, s in runs.items()})
     for run, s in runs.items():
-        x, y = s["macs"]["mean"] / 1e6, 100 * s["top1"]["mean"]
+        x, y = s["macs"]["mean"] / 1e6 + shift[run], 100 * s["top1"]["mean"]
         xerr = s["macs"]["std"] / 1e6 if s["macs"]["std"] is not None else None
         yerr = 100 * s["top1"]["std"] if s["top1"]["std"] is not None else None
         ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=4, color=colours[run], label=f"{run} (n={s['n']})")
         ax.annotate(run, (x, y), fontsize=8, xytext=(6, 4), textcoords="offset points")
+        _heldout_point(ax, s, x + step / 3, colours[run])
     ax.set_xlabel("MACs of the shipped model (M)")
     ax.set_ylabel("shipped top-1 (%)")
-    ax.set_title(f"{comparison['name']}: mean ± std over seeds", fontsize=9)
+    heldout = comparison.get("heldout")
+    what = f"; open squares: held-out ({heldout['samples']} images)" if heldout else ""
+    ax.set_title(f"{comparison['name']}: mean ± std over seeds; dots: validation{what}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, Path(directory) / "top1_vs_macs.png")
+
+
+def _dodge(xs: Mapping[str, float]) -> tuple[dict[str, float], float]:
+    """Horizontal offsets that set runs of (nearly) the same MACs side by side rather than on
+    top of each other, and the offset step: 1.5% of the axis' span per run."""
+    span = max(max(xs.values()) - min(xs.values()), max(xs.values()) * 0.2, 1e-9) if xs else 1.0
+    step, groups = 0.015 * span, {}
+    for run, x in xs.items():
+        groups.setdefault(round(x / (2 * step)), []).append(run)
+    shift = {run: (i - (len(g) - 1) / 2) * step for g in groups.values() for i, run in enumerate(g)}
+    return shift, step
+
+
+def _heldout_point(ax, summary: Mapping[str, Any], x: float, colour) -> None:
+    """The run's held-out top-1 (mean ± std over seeds) beside its validation point, if scored."""
+    test = summary.get("test_top1") or {}
+    if test.get("mean") is None:
+        return
+    yerr = 100 * test["std"] if test.get("std") is not None else None
+    ax.errorbar(x, 100 * test["mean"], yerr=yerr, fmt="s", mfc="none", capsize=3, color=colour)
 
 
 def _mean_line(ax, curves: Mapping[str, Any], key: str, colour, label: str, scale: float = 1.0,

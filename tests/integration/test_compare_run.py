@@ -19,7 +19,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 def spec(tmp_path) -> Path:
     from data import write_synthetic
 
-    manifest = write_synthetic(tmp_path / "shards", classes=4, train=64, val=32, size=16, seed=0, shard_size=16)
+    manifest = write_synthetic(tmp_path / "shards", classes=4, train=64, val=32, size=16, seed=0, shard_size=16,
+                               test=48)
     base = {"epochs": 2, "model": {"name": "resnet20", "num_classes": 4},
             "data": {"train": str(manifest), "val": str(manifest), "batch_size": 8, "image_size": 16,
                      "transform": "cifar", "num_workers": 0, "shuffle_buffer": 16},
@@ -82,9 +83,14 @@ def test_compare_trains_then_reuses(spec, tmp_path, capsys, monkeypatch):
 
     before = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if "tiny-" in str(p)}
     known = sessions()
-    out = _compare(capsys, str(spec))  # everything finished: reused, nothing trains
-    assert sessions() == known  # not even Ray started
+    test_set = str(tmp_path / "shards" / "manifest.json")
+    out = _compare(capsys, str(spec), "--test", test_set)  # everything finished: reused, nothing trains
+    assert sessions() == known  # not even Ray started, also to score the shipped models
     assert out.count(": reused (") == 2 and "starting" not in out and "resuming" not in out
+    assert "sfp seed 3: held-out top-1 " in out and f"(48 images of {test_set})" in out
+    heldout = json.loads((runs / "tiny" / "compare.json").read_text())["runs"]["sfp"]["test_top1"]
+    assert heldout["n"] == 1 and 0.0 <= heldout["mean"] <= 1.0
+    assert "held-out top-1 (%)" in (runs / "tiny" / "compare.md").read_text()
     after = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if "tiny-" in str(p)}
     assert after == before  # no run directory gained or changed a file
     for run, report in reports.items():

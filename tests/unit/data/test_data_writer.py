@@ -110,6 +110,24 @@ def test_synthetic_is_deterministic_and_independent_of_workers(tmp_path):
     assert sorted(set(labels)) == [0, 1, 2, 3] and max(labels.count(k) for k in range(4)) == 15
 
 
+@pytest.mark.parametrize("kind", ["grating", "scenes"])
+def test_a_test_split_is_held_out_and_leaves_train_and_val_as_they_were(tmp_path, kind):
+    plain = write_synthetic(tmp_path / "plain", classes=4, train=30, val=12, size=16, seed=1, shard_size=10, kind=kind)
+    held = write_synthetic(tmp_path / "held", classes=4, train=30, val=12, size=16, seed=1, shard_size=10,
+                           kind=kind, test=20)
+    mp, mh = (json.loads(p.read_text()) for p in (plain, held))
+    assert "test" not in mp["splits"] and "test" not in mp["settings"]  # older sets keep their identity
+    for split in ("train", "val"):
+        assert mh["splits"][split] == mp["splits"][split]  # byte for byte: runs on either set agree
+    assert mh["splits"]["test"]["samples"] == 20 and mh["settings"]["test"] == 20
+    test = [s for r in mh["splits"]["test"]["shards"] for s in read_shard(held.parent / r["name"])]
+    val = [s for r in mh["splits"]["val"]["shards"] for s in read_shard(held.parent / r["name"])]
+    assert sorted(label for _, _, label in test) == [k for k in range(4) for _ in range(5)]  # balanced
+    assert not {image for _, image, _ in test} & {image for _, image, _ in val}  # other images
+    with pytest.raises(ValueError, match="test must be at least 0"):
+        write_synthetic(tmp_path / "bad", classes=4, train=4, val=0, size=16, test=-1)
+
+
 def test_synthetic_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="classes"):
         write_synthetic(tmp_path, classes=1, train=10, val=0, size=16)

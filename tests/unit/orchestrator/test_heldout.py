@@ -1,0 +1,118 @@
+"""Held-out scoring of shipped models (orchestrator/heldout.py) and its place in a comparison:
+a real compacted model on real synthetic shards with a test split, scored without Ray through
+the trainer's own validation path; the scores' cache; and the held-out columns of the table."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+
+from data import DataConfig, make_val_loader, write_synthetic
+from orchestrator.compare import aggregate, markdown_table
+from orchestrator.evaluation import evaluate
+from orchestrator.heldout import check_heldout, score_model, score_runs
+from pruning import MaskSet, build_groups, compact, save_compact
+
+from .test_compare import dense_report, soft_report
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("heldout")
+    return write_synthetic(root / "set", classes=4, train=16, val=24, size=16, seed=0, shard_size=10, test=40)
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory):
+    """A pruned ResNet-20 as a run ships it (final/: arch.json, model.safetensors, report.json)."""
+    from models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=4).eval()
+    groups = build_groups(model, "pfec")
+    masks = MaskSet(0, {g.name: torch.arange(g.size) % 2 == 0 for g in groups})
+    small, spec = compact(model, groups, masks, "hard", input_size=16)
+    out = tmp_path_factory.mktemp("run") / "final"
+    save_compact(out, small, spec, {"name": "r", "written_at": 1.0})
+    return out
+
+
+def _data(manifest) -> DataConfig:
+    return DataConfig(train=str(manifest), val=str(manifest), image_size=16, transform="cifar", batch_size=8,
+                      num_workers=0, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
+def test_a_shipped_model_is_scored_as_the_trainer_validates(shards, shipped):
+    """The same images prepared the same way as the run's validation: scoring the val split gives
+    exactly what the trainer's evaluation of that model gives; the default split is "test"."""
+    from pruning.io import load_compact
+
+    data = _data(shards)
+    model, _, _ = load_compact(shipped)
+    trainer_val = evaluate(model, make_val_loader(data, 0, 1), data.mean, data.std)
+    scored_val = score_model(str(shipped), data, f"{shards}#val")
+    assert {k: scored_val[k] for k in trainer_val} == trainer_val and trainer_val["samples"] == 24
+    other_norm = score_model(str(shipped), data.model_copy(update={"mean": (0.0, 0.0, 0.0)}), f"{shards}#val")
+    assert other_norm["loss"] != trainer_val["loss"]  # the run's own normalisation is what is used
+    test = score_model(str(shipped), data, str(shards))
+    assert test["split"] == "test" and test["samples"] == 40 and test["source"] == str(shards)
+
+
+def test_scores_are_cached_until_the_run_or_the_set_changes(shards, shipped, tmp_path):
+    data, lines = _data(shards), []
+    report = {"name": "cmp-dense-s0", "written_at": 5.0}
+    runs = {("dense", 0): (str(shipped), data, report)}
+    first = score_runs(runs, str(shards), str(tmp_path / "cmp"), lines.append)
+    assert len(lines) == 1 and lines[0].startswith("dense seed 0: held-out top-1 ")
+    cached = json.loads((tmp_path / "cmp" / "heldout.json").read_text())
+    assert cached["cmp-dense-s0"]["top1"] == first[("dense", 0)]["top1"]
+    again = score_runs(runs, str(shards), str(tmp_path / "cmp"), lines.append)
+    assert len(lines) == 1 and again[("dense", 0)]["top1"] == first[("dense", 0)]["top1"]
+    retrained = {("dense", 0): (str(shipped), data, {**report, "written_at": 6.0})}
+    score_runs(retrained, str(shards), str(tmp_path / "cmp"), lines.append)
+    assert len(lines) == 2  # a run trained again is scored again
+    bigger = write_synthetic(tmp_path / "set2", classes=4, train=16, val=24, size=16, seed=0, shard_size=10, test=50)
+    fresh = score_runs(retrained, str(bigger), str(tmp_path / "cmp"), lines.append)
+    assert len(lines) == 3 and fresh[("dense", 0)]["samples"] == 50  # another test set: scored again
+
+
+def test_a_bad_heldout_source_is_one_line_naming_it(shards, tmp_path):
+    no_test = write_synthetic(tmp_path / "plain", classes=4, train=8, val=8, size=16, seed=0)
+    with pytest.raises(ValueError, match=r"plain/manifest.json has no split 'test' \(it has \['train', 'val'\]\)"):
+        check_heldout(str(no_test))
+    with pytest.raises(ValueError, match=r"held-out source .*set/manifest.json: 4 classes, the models have 10"):
+        check_heldout(str(shards), num_classes=10)
+    with pytest.raises(ValueError, match="missing.json"):
+        check_heldout(str(tmp_path / "missing.json"))
+    check_heldout(str(shards), num_classes=4)
+
+
+def _heldout(values: dict[int, float]) -> dict[int, dict]:
+    return {seed: {"top1": v, "samples": 1000, "source": "/sets/m.json", "split": "test", "identity": "x"}
+            for seed, v in values.items()}
+
+
+def test_the_comparison_gains_held_out_top1_and_its_paired_delta():
+    reports = {"dense": {0: dense_report(0.80), 1: dense_report(0.84), 2: dense_report(0.82)},
+               "sfp": {0: soft_report(0.70), 1: soft_report(0.76), 2: soft_report(0.79)}}
+    heldout = {"dense": _heldout({0: 0.90, 1: 0.92, 2: 0.91}), "sfp": _heldout({0: 0.88, 1: 0.91})}
+    c = aggregate("cmp", reports, "dense", heldout)
+    sfp = c["runs"]["sfp"]
+    assert sfp["test_top1"]["mean"] == pytest.approx(0.895) and sfp["test_top1"]["n"] == 2
+    assert sfp["per_seed"]["2"]["test_top1"] is None  # seed 2 not scored
+    delta = sfp["delta_vs_baseline"]
+    assert delta["test_paired"]["mean"] == pytest.approx(-0.015) and delta["test_paired_seeds"] == [0, 1]
+    half = 12.706 * statistics.stdev([-0.02, -0.01]) / 2 ** 0.5  # t at 1 degree of freedom
+    assert delta["test_paired_ci95"] == pytest.approx(half)
+    assert delta["paired"]["n"] == 3  # validation pairs are unaffected
+    assert c["heldout"] == {"source": "/sets/m.json", "split": "test", "samples": 1000, "identity": "x"}
+    table = markdown_table(c)
+    assert "| held-out top-1 (%) | held-out paired Δ ± 95% (pp) |" in table
+    assert f"| 89.50 ± 2.12 | -1.50 ± {100 * half:.2f} (2) |" in table
+    assert "scored on 1000 images of /sets/m.json (split test)" in table
+    json.dumps(c)
+    plain = markdown_table(aggregate("cmp", reports, "dense"))
+    assert "held-out" not in plain and aggregate("cmp", reports, "dense")["heldout"] is None
