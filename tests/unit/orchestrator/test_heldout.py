@@ -116,3 +116,20 @@ def test_the_comparison_gains_held_out_top1_and_its_paired_delta():
     json.dumps(c)
     plain = markdown_table(aggregate("cmp", reports, "dense"))
     assert "held-out" not in plain and aggregate("cmp", reports, "dense")["heldout"] is None
+
+
+def test_a_run_in_object_storage_is_scored_and_cached_there(shards, shipped, s3, tmp_path, monkeypatch):
+    from orchestrator import storage
+
+    monkeypatch.chdir(tmp_path)  # a URI taken for a local path would land here
+    final = s3.uri("runs", "cmp-dense-s0", "final")
+    storage.upload_dir(shipped, final)
+    data, lines = _data(shards), []
+    runs = {("dense", 0): (final, data, {"name": "cmp-dense-s0", "written_at": 1.0})}
+    remote = score_runs(runs, str(shards), s3.uri("runs", "cmp"), lines.append)
+    local = score_model(str(shipped), data, str(shards))
+    assert remote[("dense", 0)]["top1"] == local["top1"] and remote[("dense", 0)]["loss"] == local["loss"]
+    assert "runs/cmp/heldout.json" in s3.keys("runs/cmp/")
+    score_runs(runs, str(shards), s3.uri("runs", "cmp"), lines.append)
+    assert len(lines) == 1  # the second time from the bucket's heldout.json
+    assert not list(tmp_path.iterdir())  # nothing written where a URI could be mistaken for a path
