@@ -18,6 +18,7 @@ COMMANDS = {
     "train": "train (and prune) with Ray Train + DeepSpeed from a config",
     "compact": "compact a finished run's checkpoint into a deployable model",
     "export": "export a compacted model to ONNX, TorchScript or pt2, with measured latency",
+    "evaluate": "score shipped models on a shard source (a held-out split) as their runs prepare images",
     "compare": "train several configurations on the same data and seeds; table and plots",
 }
 

@@ -133,3 +133,44 @@ def test_a_run_in_object_storage_is_scored_and_cached_there(shards, shipped, s3,
     score_runs(runs, str(shards), s3.uri("runs", "cmp"), lines.append)
     assert len(lines) == 1  # the second time from the bucket's heldout.json
     assert not list(tmp_path.iterdir())  # nothing written where a URI could be mistaken for a path
+
+
+# -- softprune evaluate -------------------------------------------------------------------------
+@pytest.fixture
+def run_dir(shards, shipped, tmp_path):
+    """A run directory as a run leaves it: config.yaml beside final/."""
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "runs" / "r"
+    shutil.copytree(shipped, run / "final")
+    (run / "config.yaml").write_text(yaml.safe_dump({"name": "r", "data": _data(shards).model_dump(mode="json")}))
+    return run
+
+
+def test_evaluate_scores_each_model_with_its_runs_preparation(shards, run_dir, tmp_path, capsys):
+    from launch.cli import main
+
+    out_json = tmp_path / "scores.json"
+    assert main(["evaluate", str(run_dir), "--data", str(shards), "--json", str(out_json)]) == 0
+    line = capsys.readouterr().out.strip()
+    expected = score_model(str(run_dir / "final"), _data(shards), str(shards))
+    assert line == (f"{run_dir / 'final'}: top-1 {100 * expected['top1']:.2f}%  top-5 {100 * expected['top5']:.2f}%  "
+                    f"loss {expected['loss']:.4f}  on 40 images of {shards} (split test)")
+    assert json.loads(out_json.read_text())[str(run_dir / "final")] == expected
+
+
+def test_evaluate_refuses_bad_input_in_one_line(shards, run_dir, tmp_path, capsys):
+    from tests.unit.launch.bad_input_helpers import refused
+
+    (run_dir / "config.yaml").rename(run_dir / "other.yaml")
+    prefix = "softprune evaluate: error: "
+    line = refused(["evaluate", str(run_dir), "--data", str(shards)], capsys, tmp_path, tmp_path / "ray", prefix)
+    assert line == f"{prefix}{run_dir / 'final'}: no config.yaml in its run directory: not found; give --config " \
+                   f"FILE (a config whose data section says how images are prepared)"
+    line = refused(["evaluate", str(run_dir), "--data", str(tmp_path / "none.json"), "--config",
+                    str(run_dir / "other.yaml")], capsys, tmp_path, tmp_path / "ray", prefix)
+    assert "none.json" in line
+    line = refused(["evaluate", str(tmp_path), "--data", str(shards)], capsys, tmp_path, tmp_path / "ray", prefix)
+    assert "is neither a compacted model" in line
