@@ -11,7 +11,7 @@ a comparison needs.
 
 Scoring runs in the calling process (the driver), one model at a time, on the GPU if it has one:
 cheap next to training for the dev models (41 ResNet-20s on 10,000 images at 32 px: under 6
-minutes on 2 busy CPU cores), minutes per model for ImageNet's 50,000 images on a CPU.
+minutes on 2 busy CPU cores); an ImageNet-sized split wants the driver's GPU (not measured here).
 """
 
 from __future__ import annotations
