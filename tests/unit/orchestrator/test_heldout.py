@@ -118,6 +118,26 @@ def test_the_comparison_gains_held_out_top1_and_its_paired_delta():
     assert "held-out" not in plain and aggregate("cmp", reports, "dense")["heldout"] is None
 
 
+def test_the_plot_draws_held_out_points_beside_the_validation_ones(tmp_path):
+    import matplotlib.image
+    import matplotlib.pyplot as plt
+
+    from orchestrator.compare import write_comparison
+
+    from .test_compare import _pixels_of
+
+    reports = {"dense": {0: dense_report(0.80), 1: dense_report(0.84)}, "sfp": {0: soft_report(0.70), 1: soft_report(0.76)}}
+    # the validation figures again: the axes stay the same, the squares sit beside the dots
+    heldout = {"dense": _heldout({0: 0.80, 1: 0.84}), "sfp": _heldout({0: 0.70, 1: 0.76})}
+    write_comparison(aggregate("cmp", reports, "dense"), str(tmp_path / "plain"))
+    write_comparison(aggregate("cmp", reports, "dense", heldout), str(tmp_path / "held"))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for run, colour in zip(("dense", "sfp"), colours):
+        plain, held = (_pixels_of(matplotlib.image.imread(tmp_path / d / "top1_vs_macs.png"), colour)
+                       for d in ("plain", "held"))
+        assert held > plain + 40, run  # a square and its error bar more, in the run's colour
+
+
 def test_a_run_in_object_storage_is_scored_and_cached_there(shards, shipped, s3, tmp_path, monkeypatch):
     from orchestrator import storage
 
