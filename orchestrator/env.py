@@ -8,6 +8,7 @@ WANDB_DIR is only wandb's fallback.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -42,6 +43,10 @@ def set_defaults(extra: dict[str, str] | None = None, cache: Path = CACHE) -> No
             os.environ[key] = str(cache / sub)
     for key, value in {**QUIET, **(extra or {})}.items():
         os.environ.setdefault(key, value)
+    if not sys.stdout.isatty():
+        # Ray wraps every worker line it relays in ANSI colour codes; in a log file (nohup,
+        # `ray job logs`, CI) they are noise around the one line per epoch
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     tempfile.tempdir = None  # re-read TMPDIR
 
 
