@@ -2,6 +2,8 @@
 
 The variable holds `;`-separated faults, each `kind:key=value:...`:
 - `stall:rank=1:at=train:step=3:seconds=600` sleeps (in Python, in short naps) at that point;
+  with `release=PATH` it ends as soon as PATH exists (a drill holds a rank until its fault is
+  set up, however slow the machine, and `seconds` bounds the wait);
 - `fail:rank=0:at=select` raises `InjectedFault` there;
 - `kill:rank=0:at=checkpoint:step=16` ends the process with SIGKILL there (a reclaimed VM);
 - `trace:rank=0:at=train:path=FILE` appends "time step pid" to FILE (drills measure steps lost).
@@ -68,6 +70,12 @@ def inject(at: str, rank: int, step: int | None = None) -> None:
             with open(fault["path"], "a") as f:
                 f.write(f"{time.time():.3f} {step} {os.getpid()}\n")
         if fault["kind"] == "stall":
-            until = time.monotonic() + float(fault.get("seconds", 3600))
-            while time.monotonic() < until:  # short naps: Python runs between them (see watchdog)
-                time.sleep(0.05)
+            _stall(float(fault.get("seconds", 3600)), fault.get("release"))
+
+
+def _stall(seconds: float, release: str | None) -> None:
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:  # short naps: Python runs between them (see watchdog)
+        if release and Path(release).exists():
+            return
+        time.sleep(0.05)
