@@ -76,6 +76,10 @@ class DrillCluster:
     def address(self) -> str:
         return self.cluster.address
 
+    def train_logs(self) -> Path:
+        """Ray Train's structured logs of this cluster's session (its workers' own lines)."""
+        return Path(self.cluster.head_node.get_session_dir_path(), "logs", "train")
+
     def reclaim(self, node, notice_s: float = 0.0) -> None:
         """A cloud's reclaim: a preemption drain with a deadline, then the node is gone."""
         if notice_s:
@@ -113,6 +117,7 @@ class Drill:
         self.work, self.name, self.address = work, name, address
         self.trace = work / f"{name}.trace"
         self.held = work / f"{name}.held"  # created when rank 0 enters the mid-epoch stall
+        self.go = work / f"{name}.go"  # created by the drill to end a released stall
         self.storage = work / "runs"
         self.overrides = [
             f"name={name}", f"storage={self.storage}", "epochs=3", "seed=1",
@@ -121,13 +126,19 @@ class Drill:
             "data.transform=cifar", "data.num_workers=0", "data.shuffle_buffer=32",
             "optim.lr=0.05", "lr.schedule=cosine", "pruning.method=sfp", "pruning.rate=0.4",
             f"scaling.workers={workers}", "scaling.cpus_per_worker=1", "scaling.max_failures=3",
-            "checkpoint.every_minutes=null", "checkpoint.poll_s=0.3", "checkpoint.upload=sync",
+            "checkpoint.every_minutes=null", "checkpoint.poll_s=0.001", "checkpoint.upload=sync",
             "tracking.mode=offline", "watchdog.timeout_s=300", *extra,
         ]
 
-    def hold(self, seconds: float = 12) -> str:
-        """A stall on rank 0 at step HOLD (mid epoch 1), once per drill: time for the fault."""
-        return f"stall:rank=0:at=train:step={HOLD}:seconds={seconds}:once={self.held}"
+    def hold(self, seconds: float = 12, released: bool = False) -> str:
+        """A stall on rank 0 at step HOLD (mid epoch 1), once per drill: time for the fault.
+        `released`: the stall lasts until `release()` (at most 10 minutes), so a slow machine
+        cannot run out of it before the drill has set up its fault."""
+        until = f":seconds=600:release={self.go}" if released else f":seconds={seconds}"
+        return f"stall:rank=0:at=train:step={HOLD}{until}:once={self.held}"
+
+    def release(self) -> None:
+        self.go.touch()
 
     def launch(self, faults: str = "") -> subprocess.Popen:
         env = dict(os.environ, RAY_ADDRESS=self.address, SOFTPRUNE_FAULTS=";".join(
@@ -156,6 +167,15 @@ class Drill:
                 raise RuntimeError(f"{self.name}: the run ended (rc {proc.returncode}) before mid-epoch")
             time.sleep(0.2)
         raise TimeoutError(f"{self.name}: mid-epoch hold not reached in {timeout} s")
+
+    def wait_for_text(self, logs: Path, text: str, timeout: float = 60) -> None:
+        """Until one of the files in `logs` holds `text`."""
+        until = time.monotonic() + timeout
+        while time.monotonic() < until:
+            if any(text in f.read_text(errors="replace") for f in logs.glob("*.log")):
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.name}: {text!r} not in {logs} after {timeout} s")
 
     def registered(self) -> int:
         snapshot = self.storage / self.name / "checkpoint_manager_snapshot.json"
@@ -203,11 +223,15 @@ def finish(proc: subprocess.Popen, timeout: float = 600) -> int:
 
 def reclaim(cluster: DrillCluster, work: Path, shards: str, reference: dict) -> Outcome:
     d = Drill(work, "reclaim", shards, cluster.address)
-    proc = d.launch(d.hold())
+    proc = d.launch(d.hold(released=True))
     d.hold_mid_epoch(proc)
     before = d.registered()
     victim = cluster.nodes[0]
     drain(cluster.address, victim.node_id, 60)  # the notice; rank 0 still sits in the stall
+    # Ray Train's watcher sees the drain and tells each worker; rank 0's answer is the one every
+    # rank reads, so once rank 0 holds the notice the stall can end: the next step checkpoints.
+    d.wait_for_text(cluster.train_logs(), "Rank 0 received preemption signal")
+    d.release()
     # A cloud takes the node at the notice's deadline. The drill takes it as soon as Ray has
     # registered the just-in-time checkpoint: files in storage are not enough, since a result
     # still queued in the worker dies with the node and the restart uses the last registered one.
