@@ -395,6 +395,44 @@ def pruning_by_epoch(report: Mapping[str, Any], epochs: Sequence[int]) -> dict[s
             "macs_kept": [_event_value(events, e, kept, 1.0) for e in epochs]}
 
 
+# A soft event that flips fewer than this fraction of the mask slots leaves the masks as they were,
+# near enough: on ResNet-20 that is one filter in a hundred
+SETTLED_CHURN = 0.01
+
+
+def _soft_events(report: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The soft mask events (rate set, not hard), in the order they happened."""
+    return sorted((e for e in report.get("mask_history") or [] if not e.get("hard") and e.get("rate") is not None),
+                  key=lambda e: (e.get("epoch", 0), e.get("global_step") or 0))
+
+
+def churn_by_epoch(report: Mapping[str, Any], epochs: Sequence[int]) -> list[float]:
+    """Per epoch, the fraction of the mask slots that the soft events of that epoch flipped
+    (summed when several events fall in one epoch; 0 where none did)."""
+    flipped = {e: 0.0 for e in epochs}
+    for event in _soft_events(report):
+        if event.get("epoch", 0) in flipped:
+            flipped[event.get("epoch", 0)] += event.get("churn") or 0.0
+    return [flipped[e] for e in epochs]
+
+
+def mask_settling(report: Mapping[str, Any]) -> dict[str, float | None]:
+    """When the soft masks stopped moving: `settled_epoch`, the epoch of the earliest soft event
+    from which on every soft event flipped fewer than SETTLED_CHURN of the slots (None without
+    soft events, or when the last one still flipped more), and `churn_total`, the flips summed
+    over all soft events (None without soft events)."""
+    events = _soft_events(report)
+    if not events:
+        return {"settled_epoch": None, "churn_total": None}
+    churn = [e.get("churn") or 0.0 for e in events]
+    settled = None
+    for event, flips in zip(reversed(events), reversed(churn)):
+        if flips >= SETTLED_CHURN:
+            break
+        settled = event.get("epoch", 0)
+    return {"settled_epoch": settled, "churn_total": sum(churn)}
+
+
 def seed_figures(report: Mapping[str, Any]) -> dict[str, Any]:
     """One seed's numbers: shipped top-1 and stage, sizes, curves and pruning per epoch."""
     stage = shipped_stage(report)
@@ -408,7 +446,7 @@ def seed_figures(report: Mapping[str, Any]) -> dict[str, Any]:
         "macs_cut": _cut(report, "macs"), "params_cut": _cut(report, "params"),
         "epochs": epochs, "val_top1": [h.get("val_top1") for h in history],
         "train_loss": [h.get("train_loss") for h in history],
-        **pruning_by_epoch(report, epochs),
+        **pruning_by_epoch(report, epochs), "churn": churn_by_epoch(report, epochs), **mask_settling(report),
         "mask_events": [{k: e.get(k) for k in ("epoch", "at", "rate", "hard", "macs", "params")}
                         for e in report.get("mask_history") or []],
         "written_at": report.get("written_at"), "method": report.get("method"),
@@ -446,7 +484,8 @@ def summarize_run(reports: Mapping[int, Mapping[str, Any] | None],
         "dense_params": stats(f["dense"].get("params") for f in figs),
         "macs_cut": stats(f["macs_cut"] for f in figs), "params_cut": stats(f["params_cut"] for f in figs),
         "curves": mean_curves(per_seed, ("val_top1", "train_loss")),
-        "pruning": mean_curves(per_seed, ("rate", "macs_kept")),
+        "pruning": mean_curves(per_seed, ("rate", "macs_kept", "churn")),
+        "settled_epoch": stats(f["settled_epoch"] for f in figs), "churn_total": stats(f["churn_total"] for f in figs),
         "per_seed": {str(seed): fig for seed, fig in per_seed.items()},
     }
 
@@ -527,12 +566,22 @@ def _paired(delta: Mapping[str, Any], is_base: bool, prefix: str = "") -> str:
     return f"{100 * paired['mean']:+.2f}{spread} ({paired['n']})"
 
 
+def _settled(summary: Mapping[str, Any]) -> str:
+    """Mean ± std of the epoch the soft masks settled at, and how many seeds' masks never did."""
+    figure, soft = summary["settled_epoch"], summary["churn_total"]["n"]
+    if not soft:
+        return "-"
+    text = "never" if figure["mean"] is None else (
+        f"{figure['mean']:.1f}" + (f" ± {figure['std']:.1f}" if figure.get("std") is not None else ""))
+    return text + (f" ({soft - figure['n']} never)" if figure["n"] and figure["n"] < soft else "")
+
+
 def markdown_table(comparison: Mapping[str, Any]) -> str:
     """The comparison as a markdown table: one row per run, figures in percent."""
     base, heldout = comparison["baseline"], comparison.get("heldout")
     head = ["run", "method", "seeds", "shipped top-1 (%)", f"Δ top-1 vs {base} (pp)", "paired Δ ± 95% (pp)",
             *(["held-out top-1 (%)", "held-out paired Δ ± 95% (pp)"] if heldout else []),
-            "soft-masked top-1 (%)", "MACs cut (%)", "params cut (%)", "shipped stage"]
+            "soft-masked top-1 (%)", "masks settled (epoch)", "MACs cut (%)", "params cut (%)", "shipped stage"]
     rows = [head, ["---"] * len(head)]
     total = len(comparison["seeds"])
     for run, s in comparison["runs"].items():
@@ -541,14 +590,15 @@ def markdown_table(comparison: Mapping[str, Any]) -> str:
         delta = "baseline" if run == base else _pct({"mean": s["delta_vs_baseline"]["top1"]}, signed=True)
         test = [_pct(s["test_top1"]), _paired(s["delta_vs_baseline"], run == base, "test_")] if heldout else []
         rows.append([run, s["method"] or "-", seeds, _pct(s["top1"]), delta, _paired(s["delta_vs_baseline"], run == base),
-                     *test, _pct(s["soft_top1"]),
+                     *test, _pct(s["soft_top1"]), _settled(s),
                      _pct({"mean": s["macs_cut"]["mean"]}), _pct({"mean": s["params_cut"]["mean"]}),
                      ", ".join(s["shipped_stages"]) or "-"])
     lines = ["| " + " | ".join(row) + " |" for row in rows]
     note = (f"\nTop-1 over {total} seed(s) {comparison['seeds']}: mean ± sample std. Δ: difference of the means, "
             f"in percentage points. Paired Δ: the mean over the seeds both runs finished of (run - {base}), "
             f"± the half-width of its 95% t interval (seeds in brackets); an interval that holds 0 does not "
-            f"separate the two runs.\n")
+            f"separate the two runs. Masks settled: the epoch of the soft event from which on no soft "
+            f"event flipped {100 * SETTLED_CHURN:.0f}% or more of the mask slots.\n")
     if heldout:
         note += (f"Held-out: the shipped models scored on {heldout['samples']} images of {heldout['source']} "
                  f"(split {heldout['split']}), which no run trained on or chose what it shipped by.\n")

@@ -1,5 +1,5 @@
 """The plots of a comparison (orchestrator/compare.py): top-1 against MACs, the training curves,
-and the pruning rate per epoch; one colour per run throughout. Drawn from the comparison dict
+the pruning rate per epoch and the masks' churn; one colour per run throughout. Drawn from the comparison dict
 alone, so `--report-only` redraws them without any run."""
 
 from __future__ import annotations
@@ -126,8 +126,26 @@ def rate_png(comparison: Mapping[str, Any], directory: str | Path) -> Path:
     return _save(fig, Path(directory) / "rate.png")
 
 
+def churn_png(comparison: Mapping[str, Any], directory: str | Path) -> Path:
+    """The fraction of the mask slots the soft events flipped per epoch, for the runs that have
+    soft events: where this reaches 0 the masks have settled, and freezing them there loses nothing."""
+    plt = _pyplot()
+    runs = {run: s for run, s in _finished(comparison).items() if s["churn_total"]["n"]}
+    colours = _colours(comparison["runs"])
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for run, s in runs.items():
+        _mean_line(ax, s["pruning"], "churn", colours[run], run, scale=100.0)
+    ax.set_ylabel("mask slots flipped by soft events (%)")
+    ax.set_title(f"{comparison['name']}: mask churn, mean over seeds", fontsize=9)
+    if runs:
+        _epoch_axes(ax)
+    else:  # dense and PFEC only: nothing moves softly
+        ax.text(0.5, 0.5, "no run has soft mask events", ha="center", va="center", transform=ax.transAxes)
+    return _save(fig, Path(directory) / "churn.png")
+
+
 def write_compare_plots(comparison: Mapping[str, Any], directory: str | Path) -> list[Path]:
-    """All three plots into `directory`; returns the files written."""
+    """All four plots into `directory`; returns the files written."""
     Path(directory).mkdir(parents=True, exist_ok=True)
     return [top1_vs_macs_png(comparison, directory), curves_png(comparison, directory),
-            rate_png(comparison, directory)]
+            rate_png(comparison, directory), churn_png(comparison, directory)]

@@ -74,10 +74,13 @@ def test_compare_trains_then_reuses(spec, tmp_path, capsys, monkeypatch):
     assert sfp["top1"]["mean"] == reports["sfp"]["stages"][shipped]["top1"]
     assert sfp["soft_top1"]["mean"] == reports["sfp"]["stages"]["soft"]["top1"]
     assert sfp["pruning"]["rate"]["mean"] == [0.5, 0.5]
+    # the coordinator's churn reaches the comparison: two soft events, the second one flips something or not
+    assert sfp["churn_total"]["n"] == 1 and 0.0 <= sfp["churn_total"]["mean"] <= 2.0
+    assert comparison["runs"]["dense"]["churn_total"]["n"] == 0
     assert sfp["curves"]["val_top1"]["mean"] == [h["val_top1"] for h in reports["sfp"]["history"]]
     assert sfp["delta_vs_baseline"]["top1"] == pytest.approx(
         sfp["top1"]["mean"] - reports["dense"]["stages"]["final"]["top1"])
-    for name in ("compare.md", "top1_vs_macs.png", "curves.png", "rate.png"):
+    for name in ("compare.md", "top1_vs_macs.png", "curves.png", "rate.png", "churn.png"):
         assert (runs / "tiny" / name).stat().st_size > 0, name
     assert "| sfp | sfp | 1/1 |" in out  # the table, printed at the end
 

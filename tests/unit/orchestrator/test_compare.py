@@ -15,7 +15,9 @@ from launch.cli import main
 from orchestrator.compare import (
     CompareSpec,
     aggregate,
+    churn_by_epoch,
     load_spec,
+    mask_settling,
     markdown_table,
     plan_runs,
     pruning_by_epoch,
@@ -41,11 +43,13 @@ def dense_report(top1: float, epochs: int = 3) -> dict:
 
 
 def soft_report(shipped: float, mode: str = "hard", other: float = 0.1, soft: float = 0.7, epochs: int = 3,
-                method: str = "sfp") -> dict:
-    """An SFP/ASFP report as build_report writes it: soft events at every epoch's end, the frozen
-    event of finalize (no rate), both compactions evaluated, `mode` shipped."""
+                method: str = "sfp", churn: list | None = None) -> dict:
+    """An SFP/ASFP report as build_report writes it: soft events at every epoch's end (`churn`:
+    each one's fraction of flipped slots, None for the first), the frozen event of finalize (no
+    rate), both compactions evaluated, `mode` shipped."""
+    churn = churn or [None] + [0.0] * (epochs - 1)
     events = [{"epoch": e, "rate": 0.4 if method == "sfp" else 0.1 * (e + 1), "hard": False,
-               "macs": 25_000_000, "params": 160_000} for e in range(epochs)]
+               "macs": 25_000_000, "params": 160_000, "churn": churn[e]} for e in range(epochs)]
     events.append({"epoch": epochs, "rate": None, "hard": True, "macs": 25_000_000, "params": 160_000})
     stages = {"soft": {"top1": soft}, "hard": {"top1": 0.2}, "recalibrated": {"top1": 0.3},
               f"compacted_{mode}": {"top1": shipped},
@@ -162,6 +166,44 @@ def test_pruning_rate_per_epoch_from_mask_events():
     assert pruning_by_epoch(dense_report(0.8), [0, 1]) == {"rate": [0.0, 0.0], "macs_kept": [1.0, 1.0]}
 
 
+def test_masks_settle_at_the_first_event_from_which_none_flips_one_percent():
+    late = soft_report(0.7, epochs=5, churn=[None, 0.4, 0.05, 0.009, 0.0])
+    assert mask_settling(late) == {"settled_epoch": 3, "churn_total": pytest.approx(0.459)}
+    # a flip of 1% at the last event: not settled, however quiet the events before it were
+    moving = soft_report(0.7, epochs=4, churn=[None, 0.0, 0.0, 0.01])
+    assert mask_settling(moving)["settled_epoch"] is None
+    # quiet from the first event on: settled there
+    assert mask_settling(soft_report(0.7, epochs=3))["settled_epoch"] == 0
+    # no soft events: nothing to settle (PFEC's one hard event, and finalize's frozen one, do not count)
+    assert mask_settling(pfec_report(0.7)) == {"settled_epoch": None, "churn_total": None}
+    assert mask_settling(dense_report(0.8)) == {"settled_epoch": None, "churn_total": None}
+
+
+def test_churn_per_epoch_sums_the_events_of_each_epoch():
+    report = soft_report(0.7, epochs=3, churn=[None, 0.3, 0.1])
+    # events counted in steps: two in epoch 1
+    report["mask_history"].insert(2, {"epoch": 1, "global_step": 20, "rate": 0.4, "hard": False, "churn": 0.05})
+    assert churn_by_epoch(report, [0, 1, 2, 3]) == pytest.approx([0.0, 0.35, 0.1, 0.0])
+    assert mask_settling(report)["churn_total"] == pytest.approx(0.45)
+
+
+def test_the_table_says_when_each_runs_masks_settled():
+    reports = {"dense": {0: dense_report(0.8), 1: dense_report(0.82)},
+               "sfp": {0: soft_report(0.7, epochs=4, churn=[None, 0.2, 0.0, 0.0]),
+                       1: soft_report(0.7, epochs=4, churn=[None, 0.2, 0.2, 0.0])},
+               "asfp": {0: soft_report(0.7, epochs=3, churn=[None, 0.2, 0.0], method="asfp"),
+                        1: soft_report(0.7, epochs=3, churn=[None, 0.2, 0.3], method="asfp")},
+               "pfec": {0: pfec_report(0.75), 1: pfec_report(0.76)}}
+    c = aggregate("cmp", reports)
+    assert c["runs"]["sfp"]["settled_epoch"]["mean"] == pytest.approx(2.5)
+    assert c["runs"]["sfp"]["pruning"]["churn"]["mean"] == pytest.approx([0.0, 0.2, 0.1, 0.0])
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in markdown_table(c).splitlines()}
+    column = rows["run"].index("masks settled (epoch)")
+    assert rows["sfp"][column] == "2.5 ± 0.7"
+    assert rows["asfp"][column] == "2.0 (1 never)"
+    assert rows["dense"][column] == "-" and rows["pfec"][column] == "-"
+
+
 # -- the spec ---------------------------------------------------------------------------------------
 def _spec_file(tmp_path: Path, **tree) -> Path:
     base = {"name": "cmp", "storage": str(tmp_path / "runs"), "base": "base.yaml",
@@ -270,7 +312,7 @@ def test_plots_are_real_images(tmp_path):
                "pfec": {0: pfec_report(0.75), 1: None}, "asfp": {0: None, 1: None}}
     written = write_comparison(aggregate("cmp", reports), str(tmp_path / "out"))
     assert written[-1] == "compare.json"  # last: its presence says the rest is there
-    assert set(written) == {"compare.md", "compare.json", "top1_vs_macs.png", "curves.png", "rate.png"}
+    assert set(written) == {"compare.md", "compare.json", "top1_vs_macs.png", "curves.png", "rate.png", "churn.png"}
     for name in ("top1_vs_macs.png", "curves.png", "rate.png"):
         data = (tmp_path / "out" / name).read_bytes()
         assert data[:8] == PNG and len(data) > 5000, name
@@ -286,6 +328,11 @@ def test_plots_are_real_images(tmp_path):
             for run, colour in zip(("dense", "sfp", "pfec"), colours):
                 assert _pixels_of(panel, colour) > 40, (name, i, run)
             assert _pixels_of(panel, colours[3]) == 0, (name, i)
+    # churn: only the run with soft events is drawn
+    churn = matplotlib.image.imread(tmp_path / "out" / "churn.png")
+    assert churn.shape[0] > 300 and churn.shape[1] > 500
+    assert _pixels_of(churn, colours[1]) > 40
+    assert _pixels_of(churn, colours[0]) == 0 and _pixels_of(churn, colours[2]) == 0
     stored = json.loads((tmp_path / "out" / "compare.json").read_text())
     assert stored["runs"]["pfec"]["missing_seeds"] == [1]
     assert "| sfp | sfp | 2/2 | 71.00 ± 1.41 | -10.00 |" in (tmp_path / "out" / "compare.md").read_text()
@@ -442,8 +489,8 @@ def test_cli_report_only_prints_the_table(tmp_path, capsys):
         _write_report(p, dense_report(0.8) if p.run == "dense" else soft_report(0.7))
     assert main(["compare", str(spec_path), "--report-only"]) == 0
     out = capsys.readouterr().out
-    assert "| dense | none | 2/2 | 80.00 ± 0.00 | baseline | - | - | 0.00 | 0.00 | final |" in out
-    assert "| sfp | sfp | 2/2 | 70.00 ± 0.00 | -10.00 | -10.00 ± 0.00 (2) | 70.00 ± 0.00 | 40.00 |" in out
+    assert "| dense | none | 2/2 | 80.00 ± 0.00 | baseline | - | - | - | 0.00 | 0.00 | final |" in out
+    assert "| sfp | sfp | 2/2 | 70.00 ± 0.00 | -10.00 | -10.00 ± 0.00 (2) | 70.00 ± 0.00 | 0.0 ± 0.0 | 40.00 |" in out
     assert out.count("reused") == 4
     assert (tmp_path / "runs" / "cmp" / "compare.md").read_text() in out
 
@@ -468,6 +515,7 @@ def test_reports_and_comparison_in_object_storage(s3, tmp_path, monkeypatch):
     comparison = run_compare(spec, plan, say=lambda line: None)  # all finished: nothing to train
     assert comparison["runs"]["sfp"]["top1"]["mean"] == pytest.approx(0.71)
     assert {k for k in s3.keys("runs/cmp/") if not k.endswith("/")} == {f"runs/cmp/{n}" for n in
-                                          ("compare.json", "compare.md", "top1_vs_macs.png", "curves.png", "rate.png")}
+                                          ("compare.json", "compare.md", "top1_vs_macs.png", "curves.png", "rate.png",
+                                                                        "churn.png")}
     stored = json.loads(storage.read_text(s3.uri("runs", "cmp", "compare.json")))
     assert stored["runs"]["sfp"]["per_seed"]["1"]["top1"] == pytest.approx(0.72)
