@@ -1,6 +1,6 @@
 """The plots of a comparison (orchestrator/compare.py): top-1 against MACs, the training curves,
-the pruning rate per epoch and the masks' churn; one colour per run throughout. Drawn from the comparison dict
-alone, so `--report-only` redraws them without any run."""
+the pruning rate per epoch and the masks' churn; one colour per run throughout. Drawn from the
+comparison dict alone, so `--report-only` redraws them without any run."""
 
 from __future__ import annotations
 
@@ -128,7 +128,8 @@ def rate_png(comparison: Mapping[str, Any], directory: str | Path) -> Path:
 
 def churn_png(comparison: Mapping[str, Any], directory: str | Path) -> Path:
     """The fraction of the mask slots the soft events flipped per epoch, for the runs that have
-    soft events: where this reaches 0 the masks have settled, and freezing them there loses nothing."""
+    soft events: where it stays near 0 the masks have settled, and freezing them there would change
+    them by no more than the later flips."""
     plt = _pyplot()
     runs = {run: s for run, s in _finished(comparison).items() if s["churn_total"]["n"]}
     colours = _colours(comparison["runs"])
