@@ -52,8 +52,35 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     # and cost the training loop about 7% of a 2-core machine (benchmarks/bench_overhead.py:
     # 0.895 -> 0.968 x bare DDP, docs/results.md); RAY_enable_metrics_collection=1 turns it back on.
     os.environ.setdefault("RAY_enable_metrics_collection", "0")
-    ray.init(address="local", num_cpus=num_cpus, _temp_dir=default_ray_temp_dir(), log_to_driver=True)
+    # Ray's state API, which Ray Train's placement-group cleaner polls from inside the cluster,
+    # finds its cluster by scanning the machine's processes and fails ("Found multiple active Ray
+    # instances") when another Ray runs beside this one: the cleaner's monitor thread dies with a
+    # traceback in the run's log, and a crashed controller's placement group is never removed.
+    # So the dashboard gets a port chosen here, and every process this cluster starts inherits
+    # its address: the raylet, and with it each worker, copies the environment at init. The
+    # driver's own environment gets its value back, so nothing later in this process (a second
+    # cluster, a job submission) reads a stale address.
+    port = _free_port()
+    before = os.environ.get("RAY_API_SERVER_ADDRESS")
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    try:
+        ray.init(address="local", num_cpus=num_cpus, _temp_dir=default_ray_temp_dir(), log_to_driver=True,
+                 dashboard_host="127.0.0.1", dashboard_port=port)
+    finally:
+        if before is None:
+            del os.environ["RAY_API_SERVER_ADDRESS"]
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = before
     return True
+
+
+def _free_port() -> int:
+    """A TCP port on loopback that nothing listens on now (the OS picks it)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def make_trainer(cfg: TrainConfig):
