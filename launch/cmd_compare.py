@@ -7,7 +7,7 @@ command line apply to every run, after the spec's (e.g. `data.train=... data.val
 is built and checked before the first one starts. Running the same command again reuses finished
 runs (their report.json) and resumes unfinished ones, so an interrupted comparison picks up where
 it stopped. The comparison goes to `<storage>/<name>/`: compare.json, compare.md, top1_vs_macs.png,
-curves.png, rate.png. With a held-out source (`--test`, or the spec's `test`), every shipped model
+curves.png, rate.png, churn.png. With a held-out source (`--test`, or the spec's `test`), every shipped model
 is also scored on images no run saw (orchestrator/heldout.py). Under
 `ray job submit -- softprune compare SPEC.yaml` it is one Ray job.
 """
@@ -59,5 +59,5 @@ def run(args: argparse.Namespace) -> int:
     if comparison is not None:
         print("\n" + markdown_table(comparison), flush=True)
         print(f"comparison written to {spec.out_dir} (compare.json, compare.md, top1_vs_macs.png, "
-              f"curves.png, rate.png)", flush=True)
+              f"curves.png, rate.png, churn.png)", flush=True)
     return 0
