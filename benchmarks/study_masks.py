@@ -28,13 +28,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orchestrator import storage
-from orchestrator.compare import load_spec, mask_settling
-from orchestrator.outputs import output_uri
+from orchestrator.compare import load_spec, mask_settling, plan_runs
 
 
-def _final(spec, run: str, seed: int, name: str) -> dict:
-    out = output_uri(str(Path(spec.storage).resolve()), spec.run_name(run, seed))
-    return json.loads(storage.read_text(storage.join(out, name)))
+def _read(output: str, name: str) -> dict:
+    return json.loads(storage.read_text(storage.join(output, name)))
 
 
 def kept_overlap(kept: dict[str, list[int]], other: dict[str, list[int]], channels: dict[str, int]) -> tuple[float, float]:
@@ -53,21 +51,22 @@ def _corr(xs: list[float], ys: list[float]) -> str:
 
 
 def study(spec_path: str, runs: list[str], against: str, seeds: list[int], baseline: str | None = None) -> None:
-    spec = load_spec(spec_path)
+    spec = load_spec(spec_path).with_seeds(seeds)
     baseline = baseline or spec.baseline
-    comparison = json.loads(storage.read_text(storage.join(spec.out_dir, "compare.json")))
+    output = {(p.run, p.seed): p.output for p in plan_runs(spec)}  # each run's final/, as compare finds it
+    comparison = _read(spec.out_dir, "compare.json")
     key = "test_top1" if comparison.get("heldout") else "top1"
     base = comparison["runs"][baseline]["per_seed"]
-    dense_arch = {s: _final(spec, baseline, s, "arch.json")["channels"] for s in seeds}
+    channels = {s: _read(output[baseline, s], "arch.json")["channels"] for s in seeds}
+    other = {s: _read(output[against, s], "arch.json")["kept"] for s in seeds}
     print(f"{spec.name}: gap to {baseline} on {'held-out' if key == 'test_top1' else 'validation'} top-1, "
           f"overlap with {against}, seeds {seeds}")
     for run in runs:
         per_seed = comparison["runs"][run]["per_seed"]
         rows = []
         for s in seeds:
-            settling = mask_settling(_final(spec, run, s, "report.json"))
-            share, chance = kept_overlap(_final(spec, run, s, "arch.json")["kept"],
-                                         _final(spec, against, s, "arch.json")["kept"], dense_arch[s])
+            settling = mask_settling(_read(output[run, s], "report.json"))
+            share, chance = kept_overlap(_read(output[run, s], "arch.json")["kept"], other[s], channels[s])
             gap = 100 * (per_seed[str(s)][key] - base[str(s)][key])
             rows.append((settling["settled_epoch"], settling["churn_total"] or 0.0, share, chance, gap))
         settled = [r[0] for r in rows if r[0] is not None]

@@ -60,7 +60,7 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     # its address: the raylet, and with it each worker, copies the environment at init. The
     # driver's own environment gets its value back, so nothing later in this process (a second
     # cluster, a job submission) reads a stale address.
-    port = _free_port()
+    port = free_port()
     before = os.environ.get("RAY_API_SERVER_ADDRESS")
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     try:
@@ -74,7 +74,7 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     return True
 
 
-def _free_port() -> int:
+def free_port() -> int:
     """A TCP port on loopback that nothing listens on now (the OS picks it)."""
     import socket
 

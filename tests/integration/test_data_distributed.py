@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 
 from data import DataConfig
 from data.testing import write_indexed_shards
+from orchestrator.driver import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 COUNTS = {"train": [37, 5, 61, 1, 20], "val": [17, 4]}  # uneven, and a 1-sample shard
@@ -63,14 +63,8 @@ dist.destroy_process_group()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_ranks(cfg: DataConfig, mode: str, out: Path, world: int = 2) -> list[dict]:
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "WORLD_SIZE": str(world), "PYTHONPATH": str(ROOT)}
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, cfg.model_dump_json(), mode, str(out / mode)],
                               env={**env, "RANK": str(r)}, cwd=ROOT) for r in range(world)]

@@ -14,20 +14,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from orchestrator.driver import free_port
+
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cfg(stage: int, precision: str, gpus: float = 0, world: int = 2):
@@ -210,7 +205,7 @@ def _norm_control(stage: int, precision: str, rank: int) -> dict:
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_masks_survive_steps_under_zero(stage, precision, tmp_path):
-    mp.spawn(_worker, args=(_free_port(), stage, precision, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), stage, precision, str(tmp_path)), nprocs=2, join=True)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     separate_master = stage > 0 or precision != "fp32"
     for r, res in enumerate(results):

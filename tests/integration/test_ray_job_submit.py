@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,16 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.driver import free_port
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict[str, str]:
@@ -49,7 +44,7 @@ def test_ray_start_job_submit_stop(tmp_path):
 
     manifest = write_synthetic(tmp_path / "shards", classes=4, train=64, val=32, size=16, shard_size=16)
     storage = tmp_path / "runs"
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     from orchestrator.driver import default_ray_temp_dir
 
     temp = default_ray_temp_dir("_j")  # short: Ray's socket paths are length-limited

@@ -20,22 +20,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from orchestrator.driver import free_port
+
 pytestmark = pytest.mark.slow
 
 CASES = [(0, "fp32", "sgd", "sfp"), (2, "fp32", "sgd", "coupled"), (2, "fp32", "adamw", "sfp"),
          (0, "fp32", "adamw", "coupled"), (2, "bf16", "sgd", "sfp")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cfg(stage: int, precision: str, optim: str):
@@ -139,7 +134,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 @pytest.mark.timeout(300)
 def test_compaction_slices_the_optimizer_state_and_steps_like_the_masked_model(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert "error" not in results, results["error"]
