@@ -25,7 +25,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.integration.test_orchestrator_zero_masks import _engine, _free_port, _steps
+from orchestrator.driver import free_port
+from tests.integration.test_orchestrator_zero_masks import _engine, _steps
 
 pytestmark = pytest.mark.slow
 
@@ -100,7 +101,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 @pytest.mark.timeout(300)
 def test_every_collective_goes_through_the_device_helper(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     for r in range(2):
         res = json.loads((tmp_path / f"rank{r}.json").read_text())
         assert res["samples"] == 16  # the evaluation really summed both ranks' counts

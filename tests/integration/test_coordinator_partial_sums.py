@@ -24,7 +24,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.integration.test_orchestrator_zero_masks import _engine, _free_port, _steps
+from orchestrator.driver import free_port
+from tests.integration.test_orchestrator_zero_masks import _engine, _steps
 
 # -- unit: row arithmetic on fragments ------------------------------------------------------------
 # piece boundaries over a (5, 7) tensor: mid-row start and end, a piece inside one row, a single
@@ -201,7 +202,7 @@ def _worker(rank: int, port: int, stage: int, precision: str, out: str) -> None:
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_partial_sum_events_match_gather_path(stage, precision, tmp_path):
-    mp.spawn(_worker, args=(_free_port(), stage, precision, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), stage, precision, str(tmp_path)), nprocs=2, join=True)
     for r in range(2):
         res = json.loads((tmp_path / f"rank{r}.json").read_text())
         for name, case in res.items():

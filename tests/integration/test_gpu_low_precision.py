@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.integration.test_orchestrator_zero_masks import _engine, _free_port, _pruned_max, _steps
+from orchestrator.driver import free_port
+from tests.integration.test_orchestrator_zero_masks import _engine, _pruned_max, _steps
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
@@ -59,7 +60,7 @@ def _worker(rank: int, world: int, port: int, stage: int, precision: str, out: s
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_low_precision_masks_survive_steps_on_gpu(stage, precision, tmp_path):
     world = min(2, torch.cuda.device_count())
-    mp.spawn(_worker, args=(world, _free_port(), stage, precision, str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), stage, precision, str(tmp_path)), nprocs=world, join=True)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
     for r, res in enumerate(results):
         assert res["soft_after_lr0"] == 0.0, f"rank {r}: pruned weights came back after step()"
