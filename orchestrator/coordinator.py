@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .collectives import RankDisagreement, all_reduce_sum, gather_to_all, run_on_rank
-from .master import MasterCopy, row_sums, scale_rows_, zero_rows
+from .master import MasterCopy, row_absmax, row_sums, scale_rows_, zero_rows
 
 NORM_POWER = {"l1": 1, "l2": 2}  # criterion -> the power of |x| its per-filter norm sums
 
@@ -54,18 +54,6 @@ def dropped_rows(groups, masks, hard: bool) -> dict[str, torch.Tensor]:
     for conv, keep in conv_keep(groups, masks).items():
         for name in tensor_names(groups.member_of[conv][1], hard):
             out[name] = ~keep.bool()
-    return out
-
-
-def _rows_touched(flags: torch.Tensor, start: int, per_row: int, rows: int) -> torch.Tensor:
-    """Rows (of `per_row` flat elements) in which a flat piece starting at `start` has a True
-    flag: padded to whole rows and reduced, O(piece) with no index sort."""
-    lead = start % per_row
-    padded = torch.cat([flags.new_zeros(lead), flags, flags.new_zeros(-(lead + len(flags)) % per_row)])
-    out = torch.zeros(rows, dtype=torch.bool)
-    first = start // per_row
-    touched = padded.view(-1, per_row).any(1)
-    out[first:first + len(touched)] = touched
     return out
 
 
@@ -278,13 +266,12 @@ class Coordinator:
         if name not in self._params:
             flat = self._buffers[name].detach()
             return (flat.reshape(flat.shape[0], -1) == 0).all(1).cpu()
-        p = self._params[name]
+        p = self._params[name].detach()
         rows = p.shape[0]
-        nonzero = (p.detach().reshape(rows, -1) != 0).any(1).cpu()
-        per_row = p.numel() // rows
-        for start, piece in self.master.held_pieces(p):
-            nonzero |= _rows_touched(piece.detach().cpu() != 0, start, per_row, rows)
-        return ~nonzero
+        nonzero = row_absmax(p.reshape(-1), 0, p.numel() // rows, rows) != 0  # NaN counts as nonzero
+        for start, piece in self.master.held_pieces(self._params[name]):
+            nonzero |= (row_absmax(piece, start, p.numel() // rows, rows) != 0).to(nonzero.device)
+        return ~nonzero.cpu()
 
     def verify(self, masks, hard: bool) -> list[str]:
         """Every rank's digest of what it holds; raise naming the ranks that are wrong. Sync point."""
