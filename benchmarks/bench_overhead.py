@@ -46,12 +46,70 @@ def _batches(size: int, batch: int, classes: int, rank: int, n: int = 4):
 
 def _time_steps(step, batches, steps: int, warmup: int) -> float:
     """steps/s of `step(x, y)` after `warmup` steps; every rank steps in lockstep (DDP / ZeRO)."""
+    return _timed_window(step, batches, steps, warmup)[0]
+
+
+def _timed_window(step, batches, steps: int, warmup: int, ranks: list[int] | None = None) -> tuple[float, dict]:
+    """(steps/s, CPU) of the timed steps. Given the loop's `ranks` (pids), the CPU seconds per step
+    of those processes and of every other process on the machine over the same window (psutil):
+    the share of the cores the loop's framework daemons took, which wall time on a shared 2-core
+    machine resolves only to a few percent."""
     for i in range(warmup):
         step(*batches[i % len(batches)])
+    before = _cpu_by_process() if ranks else {}
     start = time.perf_counter()
     for i in range(steps):
         step(*batches[i % len(batches)])
-    return steps / (time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    return steps / wall, (_cpu_split(before, _cpu_by_process(), ranks, steps) if ranks else {})
+
+
+def _cpu_by_process() -> dict[int, tuple[str, float, float]]:
+    """pid -> (label, CPU seconds so far, create time) of every process this user can read."""
+    import psutil
+
+    out = {}
+    for proc in psutil.process_iter(["cmdline", "name", "cpu_times", "create_time"]):
+        info = proc.info
+        if info["cpu_times"] is None:
+            continue
+        out[proc.pid] = (_label(info["cmdline"] or [], info["name"] or "?"),
+                         info["cpu_times"].user + info["cpu_times"].system, info["create_time"])
+    return out
+
+
+def _label(cmdline: list[str], name: str) -> str:
+    """A process's role: Ray's proctitle (ray::...), the Python script it runs, or its name."""
+    if cmdline and cmdline[0].startswith("ray::"):
+        return cmdline[0].split()[0]
+    scripts = [Path(a).name for a in cmdline[1:] if a.endswith(".py")]
+    return scripts[0] if scripts else name
+
+
+def _cpu_split(before: dict, after: dict, ranks: list[int], steps: int) -> dict:
+    """CPU seconds per step: the loop's ranks, every other process, and the top others by label."""
+    used: dict[int, float] = {}
+    for pid, (label, cpu, created) in after.items():
+        if pid in before and before[pid][2] == created:
+            used[pid] = cpu - before[pid][1]
+        elif pid not in before:  # started inside the window
+            used[pid] = cpu
+    by_label: dict[str, float] = {}
+    for pid, seconds in used.items():
+        if pid not in ranks:
+            by_label[after[pid][0]] = by_label.get(after[pid][0], 0.0) + seconds / steps
+    return {"ranks_cpu_per_step": sum(used.get(pid, 0.0) for pid in ranks) / steps,
+            "others_cpu_per_step": sum(by_label.values()),
+            "others_top": sorted(by_label.items(), key=lambda kv: -kv[1])[:8]}
+
+
+def _rank_pids() -> list[int]:
+    """Every rank's pid (collective)."""
+    import torch.distributed as dist
+
+    pids: list = [None] * dist.get_world_size()
+    dist.all_gather_object(pids, os.getpid())
+    return pids
 
 
 # -- baseline: bare DDP under torchrun ---------------------------------------------------------
@@ -73,9 +131,9 @@ def ddp_worker(args) -> None:
         torch.nn.functional.cross_entropy(model(x), y).backward()  # sync point: gradient all-reduce
         opt.step()
 
-    rate = _time_steps(step, _batches(args.size, args.batch, 10, rank), args.steps, args.warmup)
+    rate, cpu = _timed_window(step, _batches(args.size, args.batch, 10, rank), args.steps, args.warmup, _rank_pids())
     if rank == 0:
-        Path(args.out).write_text(json.dumps({"steps_per_s": rate}))
+        Path(args.out).write_text(json.dumps({"steps_per_s": rate, **cpu}))
     dist.destroy_process_group()
 
 
@@ -100,20 +158,20 @@ def ds_worker(args) -> None:
         engine.backward(torch.nn.functional.cross_entropy(engine(x), y))
         engine.step()
 
-    rate = _time_steps(step, _batches(args.size, args.batch, 10, rank), args.steps, args.warmup)
+    rate, cpu = _timed_window(step, _batches(args.size, args.batch, 10, rank), args.steps, args.warmup, _rank_pids())
     if rank == 0:
-        Path(args.out).write_text(json.dumps({"steps_per_s": rate}))
+        Path(args.out).write_text(json.dumps({"steps_per_s": rate, **cpu}))
     torch.distributed.destroy_process_group()
 
 
-def run_ddp(args, mode: str = "--ddp-worker") -> float:
+def run_ddp(args, mode: str = "--ddp-worker") -> dict:
     out = Path(tempfile.mkdtemp()) / "ddp.json"
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2",
            __file__, mode, "--out", str(out), "--model", args.model, "--size", str(args.size),
            "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--threads", str(args.threads)]
     subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
-    return json.loads(out.read_text())["steps_per_s"]
+    return json.loads(out.read_text())
 
 
 # -- Ray Train + DeepSpeed -------------------------------------------------------------------
@@ -145,10 +203,11 @@ def ray_worker(loop_config: dict) -> None:
         return step
 
     engine = engine_for(a["model"], a["stage"], a["batch"])
-    rate = _time_steps(stepper(engine), _batches(a["size"], a["batch"], 10, rank), a["steps"], a["warmup"])
+    rate, cpu = _timed_window(stepper(engine), _batches(a["size"], a["batch"], 10, rank), a["steps"], a["warmup"],
+                              _rank_pids())
     if not a["coord"]:
         if rank == 0:
-            Path(a["out"]).write_text(json.dumps({"steps_per_s": rate}))
+            Path(a["out"]).write_text(json.dumps({"steps_per_s": rate, **cpu}))
         return
 
     # coordinator cost on ResNet-101 at ZeRO-2
@@ -162,7 +221,7 @@ def ray_worker(loop_config: dict) -> None:
     for _ in range(a["events"]):
         times.append(coord.event(choose, hard=False, zero_moments=True)[1]["seconds"])
     if rank == 0:  # Ray V2 keeps metrics only with checkpoints: hand the numbers back through a file
-        Path(a["out"]).write_text(json.dumps({"steps_per_s": rate, "r101_step_s": 1.0 / step_rate,
+        Path(a["out"]).write_text(json.dumps({"steps_per_s": rate, **cpu, "r101_step_s": 1.0 / step_rate,
                                               "coord_event_s": sorted(times)[len(times) // 2]}))
 
 
@@ -231,18 +290,19 @@ def main() -> int:
         return 0
     first_default: dict = {}  # the first default Ray run also times the coordinator
 
-    def ray_default() -> float:
+    def ray_default() -> dict:
         out = run_ray(args, coord=not first_default)
         first_default.setdefault("run", out)
-        return out["steps_per_s"]
+        return out
 
-    loops = {  # name -> steps/s of one run; bare DDP runs before each and after the last
+    loops = {  # name -> one run's result (steps_per_s, CPU per step); bare DDP runs before each and after the last
         "DeepSpeed (torchrun, no Ray)": lambda: run_ddp(args, "--ds-worker"),
         "Ray Train + DeepSpeed, Ray's defaults": ray_default,
-        "Ray Train + DeepSpeed, no dashboard, no metrics": lambda: run_ray(args, False, False)["steps_per_s"],
-        SOFTPRUNE_LOCAL: lambda: run_ray(args, metrics=False)["steps_per_s"],
+        "Ray Train + DeepSpeed, no dashboard, no metrics": lambda: run_ray(args, False, False),
+        SOFTPRUNE_LOCAL: lambda: run_ray(args, metrics=False),
     }
-    ratios, rates, ddp_all = rounds_of(args, loops)
+    ratios, runs, ddp_runs = rounds_of(args, loops)
+    ddp_all = [r["steps_per_s"] for r in ddp_runs]
     coord = first_default["run"]
     print(f"{args.model} @ {args.size}px, batch {args.batch}/rank, 2 ranks x {args.threads} thread(s), "
           f"ZeRO-{args.stage}, {args.steps} timed steps, {args.rounds} round(s), load average at the end "
@@ -251,8 +311,10 @@ def main() -> int:
           f"[{min(ddp_all):.3f}-{max(ddp_all):.3f}]")
     for name in loops:
         r = ratios[name]
-        print(f"{name + ':':<58} {statistics.median(rates[name]):.3f} steps/s = {statistics.median(r):.3f} x DDP "
+        rate = statistics.median(run["steps_per_s"] for run in runs[name])
+        print(f"{name + ':':<58} {rate:.3f} steps/s = {statistics.median(r):.3f} x DDP "
               f"[{min(r):.3f}-{max(r):.3f} over rounds]")
+    print_cpu(args, {"bare DDP (torchrun)": ddp_runs, **runs})
     frac = coord["coord_event_s"] / coord["r101_step_s"]
     print(f"coordinator, ResNet-101 ZeRO-2, 2 ranks: {coord['coord_event_s'] * 1e3:.1f} ms per event = "
           f"{frac:.3f} x one training step ({coord['r101_step_s'] * 1e3:.1f} ms at "
@@ -262,26 +324,40 @@ def main() -> int:
     return 0
 
 
+def print_cpu(args, runs: dict[str, list[dict]]) -> None:
+    """CPU seconds per step over the timed window, median over a loop's runs: its two ranks, and
+    every other process on the machine (the framework's daemons, and anything else running),
+    with the other processes that took the most in the loop's last run."""
+    print(f"CPU per step over the timed window (ms, median over runs; {os.cpu_count()} cores; "
+          "'others' = every process but the two ranks):")
+    for name, loop_runs in runs.items():
+        ranks = statistics.median(r["ranks_cpu_per_step"] for r in loop_runs) * 1e3
+        others = statistics.median(r["others_cpu_per_step"] for r in loop_runs) * 1e3
+        top = ", ".join(f"{label} {cpu * 1e3:.1f}" for label, cpu in loop_runs[-1]["others_top"])
+        print(f"  {name + ':':<58} ranks {ranks:6.1f}, others {others:5.1f} = {others / ranks:.3f} x ranks "
+              f"(last run: {top})")
+
+
 def rounds_of(args, loops: dict) -> tuple[dict, dict, list]:
     """Each round runs every loop once, in an order rotated by one per round, with a bare DDP run
     before each loop and after the last; a loop's figure in a round is its steps/s over the mean
     of the two DDP runs around it, so a drift in the machine's load falls on both."""
     names = list(loops)
     ratios = {n: [] for n in names}
-    rates = {n: [] for n in names}
-    ddp_all = []
+    runs = {n: [] for n in names}
+    ddp_runs = []
     for r in range(args.rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         before = run_ddp(args)
-        ddp_all.append(before)
+        ddp_runs.append(before)
         for name in order:
-            rate = loops[name]()
+            run = loops[name]()
             after = run_ddp(args)
-            ddp_all.append(after)
-            rates[name].append(rate)
-            ratios[name].append(rate / ((before + after) / 2))
+            ddp_runs.append(after)
+            runs[name].append(run)
+            ratios[name].append(run["steps_per_s"] / ((before["steps_per_s"] + after["steps_per_s"]) / 2))
             before = after
-    return ratios, rates, ddp_all
+    return ratios, runs, ddp_runs
 
 
 if __name__ == "__main__":
