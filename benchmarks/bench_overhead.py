@@ -8,7 +8,10 @@
    the local Ray softprune starts, metrics collection off, beside Ray's defaults). On a shared
    2-core machine one window per loop could not resolve a few percent (the same code measured
    0.84 and 1.01 x DDP on two days), so each loop runs in --rounds interleaved rounds, each
-   figure against the DDP runs right before and after it, and the median and range are printed;
+   figure against the DDP runs right before and after it, and the median and range are printed.
+   Beside steps/s, the CPU seconds per step of the two ranks and of every other process on the
+   machine over the same window (psutil; the others named): what the framework's daemons take
+   from the ranks, a figure that wall time on a shared machine blurs;
 2. the pruning coordinator's time per event (per-filter norms from the ZeRO fragments in one
    all-reduce, score on rank 0, broadcast, local apply to module + ZeRO master + moments, digest
    check) for ResNet-101 with 2 ranks at ZeRO-2, as a fraction of one training step of the same
