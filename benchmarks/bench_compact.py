@@ -50,7 +50,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--batches", default="1,8", help="batch 1 (latency) and a throughput batch")
     p.add_argument("--runtimes", default=",".join(RUNTIMES))
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per runtime and batch")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads and onnxruntime intra-op threads (0: each runtime's default)")
     p.add_argument("--quick", action="store_true", help="resnet18 160px, round_to 1,8, batches 1,4, 3 rounds")
     p.add_argument("--ort-graph", action="store_true",
                    help="print the op counts of each model after onnxruntime's graph optimisation; no timing")
@@ -85,10 +86,10 @@ def _scratch() -> Path:
     return scratch
 
 
-def runner(runtime: str, model, size: int, tmp: Path, name: str) -> Callable[[torch.Tensor], object]:
-    if runtime == "onnx":
+def runner(runtime: str, model, size: int, tmp: Path, name: str, threads: int = 0) -> Callable[[torch.Tensor], object]:
+    if runtime == "onnx":  # the same thread count as torch's (0: each runtime's default)
         path = write(fold_for_export(model), "onnx", tmp / f"{name.replace(' ', '_')}.onnx", size)
-        return load_runner("onnx", path)
+        return load_runner("onnx", path, threads)
     if runtime == "channels_last":
         model = copy.deepcopy(model).to(memory_format=torch.channels_last)
 
@@ -126,7 +127,7 @@ def main() -> None:
     compact_ms: dict[tuple[str, str, int], float] = {}
     with tempfile.TemporaryDirectory(dir=_scratch()) as tmp:
         for runtime in a.runtimes:
-            runs = {name: runner(runtime, m, a.size, Path(tmp), name) for name, m in models.items()}
+            runs = {name: runner(runtime, m, a.size, Path(tmp), name, a.threads) for name, m in models.items()}
             for batch in a.batches:
                 x = torch.randn(batch, 3, a.size, a.size, generator=torch.Generator().manual_seed(batch))
                 t = rounds(runs, x, a.repeats)

@@ -98,17 +98,27 @@ def _pt2(model: nn.Module, x: Tensor, path: Path) -> None:
     torch.export.save(program, str(path))
 
 
-def load_runner(fmt: str, path: str | Path) -> Callable[[Tensor], Tensor]:
+def load_runner(fmt: str, path: str | Path, threads: int = 0) -> Callable[[Tensor], Tensor]:
     """The exported file loaded the way a deployer loads it: a function from an input batch
-    (float32 tensor) to the output tensor."""
+    (float32 tensor) to the output tensor. `threads` > 0 sets onnxruntime's intra-op threads
+    (0: its default, every core); torch formats use torch's own setting (`torch.set_num_threads`).
+    On the 2-core CPU measured, a compacted ResNet-50 ran at its MACs in onnxruntime with one
+    thread and at 0.83 of them with two: its narrower convs split worse (docs/results.md)."""
     require(fmt)
     path = str(path)
     if fmt == "onnx":
         import onnxruntime as ort
 
-        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
-        return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
+        def run_onnx(x: Tensor) -> Tensor:
+            return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
+        run_onnx.session = session  # for callers that inspect or reuse it
+        return run_onnx
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.load: TorchScript is deprecated
         module = torch.jit.load(path) if fmt == "torchscript" else torch.export.load(path).module()

@@ -148,6 +148,18 @@ def test_onnx_graph_has_standard_ops_only(compacted_dir, tmp_path):
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch
 
 
+def test_onnx_runner_takes_the_thread_count_asked_for(compacted_dir, tmp_path):
+    from pruning.export import load_runner
+
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(compacted_dir(CASES[0])), "--format", "onnx", "--out", str(out), "--no-latency"]) == 0
+    one, default = load_runner("onnx", out, threads=1), load_runner("onnx", out)
+    assert one.session.get_session_options().intra_op_num_threads == 1
+    assert default.session.get_session_options().intra_op_num_threads == 0  # onnxruntime's own choice
+    x = torch.randn(2, 3, SIZE[CASES[0][0]], SIZE[CASES[0][0]], generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(one(x), default(x), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "pt2"])
 def test_latency_json_has_every_field(fmt, compacted_dir, tmp_path, capsys):
     run_dir = tmp_path / "run"
