@@ -26,6 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=32, help="throughput batch size for the latency table")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (median)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs before each measurement")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="threads of both runtimes in the latency table (0: each runtime's default, every "
+                             "core; 1: what one session per core serves). A compacted model's narrower convs "
+                             "split worse across threads, so its speed-up is largest on one")
     parser.add_argument("--no-latency", dest="latency", action="store_false",
                         help="export and check the file only, without timing")
 
@@ -47,8 +51,9 @@ def _check_args(args: argparse.Namespace) -> None:
     for field in ("batch", "repeats"):
         if getattr(args, field) < 1:
             raise ValueError(f"--{field} must be >= 1, got {getattr(args, field)}")
-    if args.warmup < 0:
-        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    for field in ("warmup", "threads"):
+        if getattr(args, field) < 0:
+            raise ValueError(f"--{field} must be >= 0, got {getattr(args, field)}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -111,6 +116,22 @@ def _max_diff(small, fmt: str, out: Path, size: tuple[int, int]) -> float:
 
 
 def _latency(small, spec: dict, args: argparse.Namespace, size: tuple[int, int], out: Path) -> dict:
+    """The latency table, with torch at `--threads` for its duration (given > 0)."""
+    import torch
+
+    from pruning.respec import dense_model
+
+    dense = dense_model(spec).eval()  # registered or a user factory's; timing only: weights do not matter
+    torch_threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _timed(dense, small, spec, args, size, out)
+    finally:
+        torch.set_num_threads(torch_threads)
+
+
+def _timed(dense, small, spec: dict, args: argparse.Namespace, size: tuple[int, int], out: Path) -> dict:
     import tempfile
 
     import torch
@@ -119,9 +140,7 @@ def _latency(small, spec: dict, args: argparse.Namespace, size: tuple[int, int],
     from pruning.fold import fold_for_export
     from pruning.latency import compare, machine
     from pruning.macs import count_flops
-    from pruning.respec import dense_model
 
-    dense = dense_model(spec).eval()  # registered or a user factory's; timing only: weights do not matter
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".dense-export-") as tmp:
         dense_file = write(fold_for_export(dense), args.format, Path(tmp) / f"dense{SUFFIX[args.format]}", size)
 
@@ -132,13 +151,13 @@ def _latency(small, spec: dict, args: argparse.Namespace, size: tuple[int, int],
             return run
 
         runners = {"torch eager": {"dense": eager(dense), "compact": eager(small)},
-                   runtime_name(args.format): {"dense": load_runner(args.format, dense_file),
-                                               "compact": load_runner(args.format, out)}}
+                   runtime_name(args.format): {"dense": load_runner(args.format, dense_file, args.threads),
+                                               "compact": load_runner(args.format, out, args.threads)}}
         batches = sorted({1, args.batch})
         latency = compare(runners, size, batches, args.warmup, args.repeats)
     macs = {"dense": count_flops(dense, size).macs, "compact": count_flops(small, size).macs}
     macs["ratio"] = macs["dense"] / macs["compact"]
     return {"model": spec["model"], "format": args.format, "file": out.name, "input_size": list(size),
             "compact_mode": spec.get("compact_mode"), "policy": spec.get("policy"),
-            "batches": batches, "warmup": args.warmup, "repeats": args.repeats, "macs": macs,
+            "batches": batches, "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads, "macs": macs,
             "latency": latency, "machine": machine()}

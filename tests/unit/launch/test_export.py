@@ -189,6 +189,28 @@ def test_latency_json_has_every_field(fmt, compacted_dir, tmp_path, capsys):
     assert not [p for p in final.iterdir() if p.name.startswith(".dense-export-")]  # temp files gone
 
 
+def test_latency_at_one_thread_times_both_runtimes_on_one(compacted_dir, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the suite may run on one thread: make the option's effect visible
+    try:
+        _export_at_one_thread(compacted_dir, out, capsys)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _export_at_one_thread(compacted_dir, out: Path, capsys) -> None:
+    args = ["export", str(compacted_dir(CASES[0])), "--format", "onnx", "--out", str(out), "--batch", "2",
+            "--repeats", "1", "--warmup", "0", "--threads", "1"]
+    assert main(args) == 0
+    report = json.loads(Path(f"{out}.latency.json").read_text())
+    assert report["threads"] == 1 and report["machine"]["torch_threads"] == 1
+    assert torch.get_num_threads() == 2  # the caller's setting is back
+    assert main(args[:-1] + ["-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--threads must be >= 0, got -1" in err and "\n" not in err
+
+
 def test_missing_onnx_extra_is_one_line(compacted_dir, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what Python does for an absent package
     assert main(["export", str(compacted_dir(CASES[0])), "--format", "onnx"]) == 2
