@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -136,12 +135,11 @@ def main() -> int:
     args = p.parse_args()
     import torch.multiprocessing as mp
 
+    from orchestrator.driver import free_port
     from orchestrator.env import set_defaults
 
     set_defaults({"DS_ACCELERATOR": "cpu"})  # temp dirs and JIT builds under the checkout's .cache
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = Path(tempfile.mkdtemp(prefix="bench_coord_")) / "result.json"
     start = time.perf_counter()
     mp.spawn(_worker, args=(port, args, str(out)), nprocs=2, join=True)

@@ -22,7 +22,6 @@ import cProfile
 import io
 import os
 import pstats
-import socket
 import statistics
 import sys
 import tempfile
@@ -94,14 +93,13 @@ def main() -> int:
     from data import write_synthetic
     from orchestrator import trainer
     from orchestrator.algorithms import make_algorithm
+    from orchestrator.driver import free_port
     from orchestrator.env import set_defaults
     from orchestrator.progress import Progress
     from orchestrator.worker import Run
 
     set_defaults({"DS_ACCELERATOR": "cpu"})  # temp dirs and JIT builds under the checkout's .cache
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     work = Path(tempfile.mkdtemp(prefix="bench_loop_", dir=ROOT / ".cache"))
     shards = str(write_synthetic(work / "shards", classes=10, train=a.images, val=a.batch, size=a.size, seed=0,

@@ -263,14 +263,12 @@ class Coordinator:
         return digest.hexdigest()[:16], bad
 
     def _zero_rows(self, name: str) -> torch.Tensor:
-        if name not in self._params:
-            flat = self._buffers[name].detach()
-            return (flat.reshape(flat.shape[0], -1) == 0).all(1).cpu()
-        p = self._params[name].detach()
-        rows = p.shape[0]
-        nonzero = row_absmax(p.reshape(-1), 0, p.numel() // rows, rows) != 0  # NaN counts as nonzero
-        for start, piece in self.master.held_pieces(self._params[name]):
-            nonzero |= (row_absmax(piece, start, p.numel() // rows, rows) != 0).to(nonzero.device)
+        t = (self._params[name] if name in self._params else self._buffers[name]).detach()
+        rows, per_row = t.shape[0], t.numel() // t.shape[0]
+        nonzero = row_absmax(t.reshape(-1), 0, per_row, rows) != 0  # NaN counts as nonzero
+        if name in self._params:  # a buffer has no master copy
+            for start, piece in self.master.held_pieces(self._params[name]):
+                nonzero |= (row_absmax(piece, start, per_row, rows) != 0).to(nonzero.device)
         return ~nonzero.cpu()
 
     def verify(self, masks, hard: bool) -> list[str]:
