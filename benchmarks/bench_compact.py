@@ -3,7 +3,8 @@
 For each policy (`pfec`, the default; `coupled`; `sfp`) and each `round_to` (kept channel counts rounded up to that
 multiple by `pruning.select`), the model pruned at P is compacted and timed beside the dense model
 in three runtimes: torch eager NCHW, torch eager channels_last, and onnxruntime (both models
-through `fold_for_export` and `pruning.export.write`, loaded with `load_runner`). Eval mode, no
+through `pruning.export.folded_for` and `write`, loaded with `load_runner`; `--runtimes` can add
+`onnx_gather`, onnxruntime on the fold that keeps each sfp scatter a channel Gather). Eval mode, no
 grad, torch's default threads (or --threads). In each runtime and batch, every model runs once per round (dense
 first, then all compacted ones), after one untimed warm-up round; the speed-up is the median over
 rounds of dense time / compact time of the same round, so a change in the machine's load falls on
@@ -13,6 +14,7 @@ ratio from each model's fastest round (the least disturbed by other processes).
 
   python benchmarks/bench_compact.py                 # resnet50 224px, batches 1 and 8
   python benchmarks/bench_compact.py --quick         # resnet18 160px, round_to 1 and 8, batch 1 and 4
+  python benchmarks/bench_compact.py --policies sfp --runtimes onnx,onnx_gather   # sfp's scatter two ways
   python benchmarks/bench_compact.py --ort-graph     # no timing: the ops onnxruntime's optimiser
                                                      # leaves in each model (why a runtime lags)
 """
@@ -33,11 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import create_model
 from pruning import build_groups, compact, count_flops, score, select
-from pruning.export import load_runner, write
+from pruning.export import folded_for, load_runner, write
 from pruning.fold import fold_for_export
 from pruning.latency import interleaved_seconds
 
-RUNTIMES = ("eager", "channels_last", "onnx")
+RUNTIMES = ("eager", "channels_last", "onnx", "onnx_gather")
+DEFAULT_RUNTIMES = RUNTIMES[:3]
 
 
 def parse() -> argparse.Namespace:
@@ -48,7 +51,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--policies", default="pfec,coupled,sfp")
     p.add_argument("--round-to", default="1,4,8,16,auto", help="multiples, or auto (the training default)")
     p.add_argument("--batches", default="1,8", help="batch 1 (latency) and a throughput batch")
-    p.add_argument("--runtimes", default=",".join(RUNTIMES))
+    p.add_argument("--runtimes", default=",".join(DEFAULT_RUNTIMES), help=f"any of {', '.join(RUNTIMES)}")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per runtime and batch")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads and onnxruntime intra-op threads (0: each runtime's default)")
@@ -87,8 +90,9 @@ def _scratch() -> Path:
 
 
 def runner(runtime: str, model, size: int, tmp: Path, name: str, threads: int = 0) -> Callable[[torch.Tensor], object]:
-    if runtime == "onnx":  # the same thread count as torch's (0: each runtime's default)
-        path = write(fold_for_export(model), "onnx", tmp / f"{name.replace(' ', '_')}.onnx", size)
+    if runtime.startswith("onnx"):  # the same thread count as torch's (0: each runtime's default)
+        folded = folded_for(model, "onnx") if runtime == "onnx" else fold_for_export(model)
+        path = write(folded, "onnx", tmp / f"{runtime}_{name.replace(' ', '_')}.onnx", size)
         return load_runner("onnx", path, threads)
     if runtime == "channels_last":
         model = copy.deepcopy(model).to(memory_format=torch.channels_last)
@@ -157,7 +161,7 @@ def ort_graphs(models: dict[str, torch.nn.Module], size: int) -> None:
 
     with tempfile.TemporaryDirectory(dir=_scratch()) as tmp:
         for name, model in models.items():
-            path = write(fold_for_export(model), "onnx", Path(tmp) / f"{name.replace(' ', '_')}.onnx", size)
+            path = write(folded_for(model, "onnx"), "onnx", Path(tmp) / f"{name.replace(' ', '_')}.onnx", size)
             options = ort.SessionOptions()
             options.log_severity_level = 3  # its warning that the saved graph is machine specific
             options.optimized_model_filepath = str(path.with_suffix(".opt.onnx"))

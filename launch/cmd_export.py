@@ -89,11 +89,10 @@ def _input_size(spec: dict) -> tuple[int, int]:
 
 
 def _export(small, spec: dict, fmt: str, out: Path):
-    from pruning.export import write
-    from pruning.fold import fold_for_export
+    from pruning.export import folded_for, write
 
     size = _input_size(spec)
-    write(fold_for_export(small), fmt, out, size)
+    write(folded_for(small, fmt), fmt, out, size)
     return size
 
 
@@ -136,13 +135,12 @@ def _timed(dense, small, spec: dict, args: argparse.Namespace, size: tuple[int, 
 
     import torch
 
-    from pruning.export import SUFFIX, load_runner, runtime_name, write
-    from pruning.fold import fold_for_export
+    from pruning.export import SUFFIX, folded_for, load_runner, runtime_name, write
     from pruning.latency import compare, machine
     from pruning.macs import count_flops
 
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".dense-export-") as tmp:
-        dense_file = write(fold_for_export(dense), args.format, Path(tmp) / f"dense{SUFFIX[args.format]}", size)
+        dense_file = write(folded_for(dense, args.format), args.format, Path(tmp) / f"dense{SUFFIX[args.format]}", size)
 
         def eager(model):
             def run(x):

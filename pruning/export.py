@@ -44,6 +44,17 @@ def require(fmt: str) -> None:
                          f"(or `pip install -e '.[export]'` in a checkout)")
 
 
+def folded_for(model: nn.Module, fmt: str) -> nn.Module:
+    """`fold_for_export(model)` as `fmt` runs it fastest. For ONNX the sfp policy's scatters go
+    into their convs: onnxruntime ran the sfp-compacted ResNet-50 1.2-1.3x faster so at batch 8
+    (one and two threads, P=0.3 to 0.7). Torch formats keep the gather: in eager torch the wider
+    convs were 7-11% slower at batch 1 and level to 8% faster at batch 8 (docs/results.md,
+    "Compact latency")."""
+    from pruning.fold import fold_for_export
+
+    return fold_for_export(model, scatter_into_conv=fmt == "onnx")
+
+
 def runtime_name(fmt: str) -> str:
     if fmt == "onnx":
         import onnxruntime

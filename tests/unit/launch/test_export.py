@@ -17,7 +17,7 @@ from launch.cli import main
 from models import Scatter, ShortcutA
 from pruning import build_groups, compact, load_compact, save_compact
 from pruning.export import SUFFIX
-from pruning.fold import fold_for_export
+from pruning.fold import AddBase, ChannelGather, fold_for_export
 from tests.unit.pruning.helpers import dense_model, random_masks
 
 REPO = Path(__file__).resolve().parents[3]
@@ -107,6 +107,30 @@ def test_fold_keeps_the_function_and_leaves_standard_modules_only(case):
     assert small.training is False and any(isinstance(m, nn.BatchNorm2d) for m in small.modules())  # untouched
 
 
+def count(model: nn.Module, kind: type) -> int:
+    return sum(isinstance(m, kind) for m in model.modules())
+
+
+@pytest.mark.parametrize("case", [c for c in ALL_CASES if c[1] == "sfp"], ids="-".join)
+def test_scatters_fold_into_their_convs_and_keep_the_function(case):
+    small, _ = _compacted(*case)
+    folded = fold_for_export(small, scatter_into_conv=True)
+    assert count(small, Scatter) > 0 and count(folded, AddBase) == count(small, Scatter)
+    assert count(folded, ChannelGather) == count(small, ShortcutA)  # only the option-A shortcuts gather
+    for conv, scatter in small.softprune_scatters().items():
+        weight = folded.get_submodule(conv).weight
+        empty = torch.ones(scatter.width, dtype=torch.bool)
+        empty[scatter.index] = False
+        assert weight.shape[0] == scatter.width and not weight[empty].any() and weight[~empty].any()
+    size = SIZE[case[0]]
+    for shape in ((1, 3, size, size), (3, 3, size + 3, size - 1)):
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[0]))
+        with torch.no_grad():
+            want, got = small(x), folded(x)
+        assert want.abs().max() > 1e-2
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
 def test_faithful_cases_have_const_kernels_and_shortcuts_to_fold():
     """The cases above must exercise every layer the fold replaces."""
     _, spec = _compacted("resnet20", "sfp", "faithful")
@@ -146,6 +170,18 @@ def test_onnx_graph_has_standard_ops_only(compacted_dir, tmp_path):
     assert "BatchNormalization" not in ops and "Conv" in ops and "Gather" in ops
     assert not list(model.graph.initializer[0].external_data)  # one self-contained file
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch
+
+
+def test_onnx_export_of_an_sfp_resnet_has_no_channel_gather(compacted_dir, tmp_path):
+    """Each scatter went into its conv: onnxruntime keeps the blocked conv layout through the
+    block (a Gather on channels would reorder the whole stream out of it and back)."""
+    import onnx
+
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(compacted_dir(CASES[2])), "--format", "onnx", "--out", str(out), "--no-latency"]) == 0
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert "Gather" not in ops and "ScatterND" not in ops
+    assert ops.count("Conv") == sum(isinstance(m, nn.Conv2d) for m in dense_model("resnet18").modules())
 
 
 def test_onnx_runner_takes_the_thread_count_asked_for(compacted_dir, tmp_path):
