@@ -73,14 +73,20 @@ def _sleep(config: dict) -> None:
     time.sleep(config["seconds"])
 
 
+def _measure(window: float) -> dict:
+    """CPU ms per second of every process on the machine over the next `window` seconds, and the
+    top processes by role."""
+    before = _cpu_by_process()
+    time.sleep(window)
+    split = _cpu_split(before, _cpu_by_process(), [], 1)
+    return {"others_cpu_per_step": split["others_cpu_per_step"] * 1e3 / window,
+            "others_top": [(n, s * 1e3 / window) for n, s in split["others_top"]]}
+
+
 def child(setting: str, window: float) -> dict:
-    """One setting: CPU ms per second of every process but the ranks, and the top processes."""
+    """One setting, measured while a Ray Train run's workers sleep (or with no Ray at all)."""
     if setting == "no_ray":
-        before = _cpu_by_process()
-        time.sleep(window)
-        split = _cpu_split(before, _cpu_by_process(), [], 1)
-        return {k: v * 1e3 / window if k != "others_top" else [(n, s * 1e3 / window) for n, s in v]
-                for k, v in split.items()}
+        return _measure(window)
     _start_ray(setting)
     import ray
     from ray.train import RunConfig, ScalingConfig
@@ -90,9 +96,7 @@ def child(setting: str, window: float) -> dict:
 
     def measure() -> None:
         time.sleep(START_S)
-        before = _cpu_by_process()
-        time.sleep(window)
-        found.update(_cpu_split(before, _cpu_by_process(), [], 1))
+        found.update(_measure(window))
 
     thread = threading.Thread(target=measure)
     thread.start()
@@ -102,8 +106,7 @@ def child(setting: str, window: float) -> dict:
                  run_config=RunConfig(storage_path=str(storage), name=f"idle_{setting}_{os.getpid()}")).fit()
     thread.join()
     ray.shutdown()
-    return {"others_cpu_per_step": found["others_cpu_per_step"] * 1e3 / window,
-            "others_top": [(n, s * 1e3 / window) for n, s in found["others_top"]]}
+    return found
 
 
 def main() -> None:
