@@ -56,7 +56,7 @@ def bare_epoch(run) -> tuple[float, int]:
     steps = 0
     start = time.perf_counter()
     for images, labels in loader:
-        logits = engine(to_input(images, cfg.data.mean, cfg.data.std, engine.module))
+        logits = engine(to_input(images, cfg.data.mean, cfg.data.std, engine.module, cfg.scaling.channels_last))
         engine.backward(torch.nn.functional.cross_entropy(logits, labels))
         engine.step()
         steps += 1

@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpus-per-worker", type=float, default=None)
     p.add_argument("--zero-stage", type=int, choices=ZERO_STAGES, default=None)
     p.add_argument("--precision", choices=PRECISIONS, default=None)
+    p.add_argument("--channels-last", action="store_true",
+                   help="NHWC batches (scaling.channels_last): the layout tensor cores convolve in")
     p.add_argument("--max-failures", type=int, default=None, help="worker-group restarts Ray may do")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--smoke", action="store_true", help="local Ray, synthetic shards, small ResNet-101 on CPU")
@@ -70,7 +72,8 @@ def build_config(args: argparse.Namespace):
         "data.train": args.data, "data.val": args.val, "storage": args.storage, "name": args.name,
         "scaling.workers": workers, "scaling.gpus_per_worker": args.gpus_per_worker,
         "scaling.cpus_per_worker": args.cpus_per_worker, "scaling.zero_stage": args.zero_stage,
-        "scaling.precision": args.precision, "scaling.max_failures": args.max_failures, "epochs": args.epochs,
+        "scaling.precision": args.precision, "scaling.channels_last": True if args.channels_last else None,
+        "scaling.max_failures": args.max_failures, "epochs": args.epochs,
         "tracking.verbose": True if args.verbose else None,
     }
     if args.smoke and not args.data:

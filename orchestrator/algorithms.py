@@ -279,7 +279,7 @@ class SoftPruning(NoPruning):
         if cfg.pruning.recalibrate_batches:  # the config, not `used`: every rank takes the same branch
             run.train_loader.set_epoch(run.state.epoch)
             used = recalibrate_bn(run.model, run.train_loader, cfg.data.mean, cfg.data.std,
-                                  cfg.pruning.recalibrate_batches)
+                                  cfg.pruning.recalibrate_batches, cfg.scaling.channels_last)
             stage = "recalibrated"
             run.record_stage(stage, dict(run.evaluate(), batches=used))
         run.last_eval = run.state.stages[stage]

@@ -9,23 +9,27 @@ from . import watchdog
 from .collectives import all_reduce_sum, rank_world
 
 
-def to_input(images: torch.Tensor, mean, std, like: nn.Module) -> torch.Tensor:
-    """uint8 batch -> normalised float batch on the model's device and dtype."""
+def to_input(images: torch.Tensor, mean, std, like: nn.Module, channels_last: bool = False) -> torch.Tensor:
+    """uint8 batch -> normalised float batch on the model's device and dtype; NHWC in memory with
+    `channels_last` (scaling.channels_last). Only the batch changes layout: a conv given an NHWC
+    input runs NHWC whatever its weight's layout (cuDNN and oneDNN pick the format from either
+    operand), so the parameters stay as DeepSpeed lays them out, in flat buffers at ZeRO 1/2."""
     from data import normalize
 
     p = next(like.parameters())
-    return normalize(images.to(p.device), mean, std).to(p.dtype)
+    x = normalize(images.to(p.device), mean, std).to(p.dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, mean, std) -> dict[str, float]:
+def evaluate(model: nn.Module, loader, mean, std, channels_last: bool = False) -> dict[str, float]:
     """Top-1/top-5/loss over the whole validation set. Exact across ranks: the counts are summed
     with one all-reduce (sync point), and padded samples (valid=False) are not counted."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64)  # correct@1, correct@5, count, loss sum
     for images, labels, valid in loader:
-        logits = model(to_input(images, mean, std, model)).float().cpu()
+        logits = model(to_input(images, mean, std, model, channels_last)).float().cpu()
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
         hit = top == labels[:, None]
@@ -59,7 +63,7 @@ def sync_bn_buffers(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, batches, mean, std, limit: int) -> int:
+def recalibrate_bn(model: nn.Module, batches, mean, std, limit: int, channels_last: bool = False) -> int:
     """Re-estimate BN running statistics with the current (masked) weights on training batches.
 
     Statistics are reset and accumulated as a plain average (momentum None), then averaged over
@@ -79,7 +83,7 @@ def recalibrate_bn(model: nn.Module, batches, mean, std, limit: int) -> int:
     for item in batches:
         if used >= limit:
             break
-        model(to_input(item[0], mean, std, model))
+        model(to_input(item[0], mean, std, model, channels_last))
         used += 1
         watchdog.beat()
     for m, momentum in zip(bns, saved):

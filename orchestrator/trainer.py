@@ -150,7 +150,7 @@ def micro_step(run: Run, images, labels, loader, index: int) -> torch.Tensor:
     before = loader.samples_done() - run.world * cfg.data.batch_size * (index + 1)
     epoch = run.state.epoch + before / max(loader.epoch_samples(), 1)
     set_lr(engine, run.lr_scale * lr_at(epoch, cfg))
-    inputs = to_input(images, cfg.data.mean, cfg.data.std, engine.module)
+    inputs = to_input(images, cfg.data.mean, cfg.data.std, engine.module, cfg.scaling.channels_last)
     logits = engine(inputs)
     loss = run.algorithm.loss(run, inputs, logits, labels.to(logits.device))
     engine.backward(loss)  # sync point: gradient all-reduce / reduce-scatter (at the boundary)

@@ -131,7 +131,8 @@ class Run:
         with watchdog.phase("evaluation"):  # evaluate() beats once per batch
             faults.inject("eval", self.rank)
             sync_bn_buffers(model)  # sync point: ranks must evaluate (and save) one model
-            return evaluate(model, self.val_loader, self.cfg.data.mean, self.cfg.data.std)
+            data = self.cfg.data
+            return evaluate(model, self.val_loader, data.mean, data.std, self.cfg.scaling.channels_last)
 
     def evaluate_candidate(self, model: nn.Module) -> dict[str, float]:
         """Evaluate a compacted CPU model on the training device (in fp32), then bring it back."""

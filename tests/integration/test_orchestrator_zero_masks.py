@@ -45,11 +45,13 @@ def _engine(stage: int, precision: str, lr: float, gpus: float = 0, world: int =
     return engine
 
 
-def _steps(engine, n: int, rank: int) -> None:
+def _steps(engine, n: int, rank: int, channels_last: bool = False) -> None:
     gen = torch.Generator().manual_seed(100 + rank)  # rank-dependent data, as in real training
     p = next(engine.module.parameters())
     for _ in range(n):
         x = torch.randn(4, 3, 16, 16, generator=gen).to(p.device, p.dtype)
+        if channels_last:  # as trainer.micro_step feeds it under scaling.channels_last
+            x = x.contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, 4, (4,), generator=gen).to(p.device)
         engine.backward(torch.nn.functional.cross_entropy(engine(x).float(), y))
         engine.step()
@@ -95,7 +97,7 @@ def _check_raises(fn, error) -> str | None:
     return None
 
 
-def _worker(rank: int, port: int, stage: int, precision: str, out: str) -> None:
+def _worker(rank: int, port: int, stage: int, precision: str, layout: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
@@ -106,14 +108,15 @@ def _worker(rank: int, port: int, stage: int, precision: str, out: str) -> None:
 
     init_distributed()
     result = {}
+    cl = layout == "channels_last"
     # 1. soft event then steps at lr 0: the zeros must survive (master copy written).
     engine = _engine(stage, precision, lr=0.0)
-    _steps(engine, 2, rank)  # moments and master copies exist before the event
+    _steps(engine, 2, rank, cl)  # moments and master copies exist before the event
     groups = build_groups(engine.module, policy="sfp")
     coord = Coordinator(engine.module, groups, engine)
     choose = lambda t: select(groups, score(groups, t, "l2"), 0.4)  # noqa: E731  (rank 0 only)
     masks, stats = coord.event(choose, hard=False)
-    _steps(engine, 2, rank)
+    _steps(engine, 2, rank, cl)
     result["soft_after_lr0"] = _pruned_max(engine, groups, masks, hard=False)
     result["hashes"] = stats["rank_hashes"]
     # 2. the divergence check can fail: rank 1 holds a pruned value in its module, then (where a
@@ -130,21 +133,21 @@ def _worker(rank: int, port: int, stage: int, precision: str, out: str) -> None:
         for name, value in coord.full_tensors().items():
             if name in params:
                 params[name].add_(1.0)  # module only: the master copy keeps the old values
-    _steps(engine, 1, rank)
+    _steps(engine, 1, rank, cl)
     result["module_only_edit_kept"] = bool(float(params[groups.param_names()[0]].detach().abs().min()) >= 0.5)
     # 4. frozen masks through real steps at lr 0.1 (hard: BN weight and bias too).
     engine = _engine(stage, precision, lr=0.1)
-    _steps(engine, 2, rank)  # momentum exists: the event must zero it or the zeros drift
+    _steps(engine, 2, rank, cl)  # momentum exists: the event must zero it or the zeros drift
     groups = build_groups(engine.module, policy="sfp")
     coord = Coordinator(engine.module, groups, engine)
     masks, _ = coord.event(lambda t: select(groups, score(groups, t, "l2"), 0.4), hard=True, zero_moments=True)
     GradientFreezer(engine.module, groups, masks)
-    _steps(engine, 3, rank)
+    _steps(engine, 3, rank, cl)
     result["frozen_after_steps"] = _pruned_max(engine, groups, masks, hard=True)
     # 6. norm control through an event: kept filters to their targets in the master copy and
     #    (after a step at lr 0 copies it back) the module, moments scaled by c, the eval function
     #    of this rank's module unchanged.
-    result.update(_norm_control(stage, precision, rank))
+    result.update(_norm_control(stage, precision, rank, cl))
     # 5. rank 0 fails while choosing: every rank gets its error, at once.
     def broken(tensors):
         raise ValueError("scores went NaN in layer1.0.conv1")
@@ -160,14 +163,14 @@ def _worker(rank: int, port: int, stage: int, precision: str, out: str) -> None:
     os._exit(0)
 
 
-def _norm_control(stage: int, precision: str, rank: int) -> dict:
+def _norm_control(stage: int, precision: str, rank: int, cl: bool) -> dict:
     from orchestrator.coordinator import Coordinator
     from orchestrator.engine import set_lr
     from pruning import build_groups, score, select
     from pruning.renorm import layer_norms
 
     engine = _engine(stage, precision, lr=0.1)
-    _steps(engine, 2, rank)
+    _steps(engine, 2, rank, cl)
     groups = build_groups(engine.module, policy="sfp")
     coord = Coordinator(engine.module, groups, engine)
     targets = {c: 0.5 * v for c, v in layer_norms(groups, coord.full_tensors()).items()}
@@ -188,7 +191,7 @@ def _norm_control(stage: int, precision: str, rank: int) -> dict:
     c = coord.master.moment(weight, "momentum_buffer").flatten(1).norm(dim=1)[keep] / moment[keep]
     full = coord.full_tensors()
     set_lr(engine, 0.0)
-    _steps(engine, 1, rank)  # the module gets the master copy's values back where one exists
+    _steps(engine, 1, rank, cl)  # the module gets the master copy's values back where one exists
     out = {"renorm_scale": stats["norm_scale"],
            "renorm_eval_diff": float((after - before).abs().max() / before.abs().max()),
            "renorm_moment_error": float((c / (targets[conv] / row_norm[keep]) - 1).abs().max())}
@@ -202,10 +205,13 @@ def _norm_control(stage: int, precision: str, rank: int) -> dict:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("stage", [0, 1, 2])
-def test_masks_survive_steps_under_zero(stage, precision, tmp_path):
-    mp.spawn(_worker, args=(free_port(), stage, precision, str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("stage, precision, layout", [
+    *((s, p, "nchw") for p in ("fp32", "bf16") for s in (0, 1, 2)),
+    # scaling.channels_last: NHWC batches, so the weight gradients come out of the convs NHWC
+    (0, "fp32", "channels_last"), (2, "bf16", "channels_last"),
+])
+def test_masks_survive_steps_under_zero(stage, precision, layout, tmp_path):
+    mp.spawn(_worker, args=(free_port(), stage, precision, layout, str(tmp_path)), nprocs=2, join=True)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     separate_master = stage > 0 or precision != "fp32"
     for r, res in enumerate(results):

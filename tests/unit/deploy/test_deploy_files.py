@@ -387,6 +387,7 @@ def test_readme_and_rayjob_run_the_same_job():
     readme = job_config(readme_job_argv(readme_section(), SAMPLE_ENV))
     rayjob = job_config(entrypoint_argv(_raw("rayjob.yaml")["spec"]["entrypoint"], SAMPLE_ENV))
     assert readme.model_dump() == rayjob.model_dump()
+    assert readme.scaling.precision == "bf16" and readme.scaling.channels_last  # the GPU set-up, through the flags
 
 
 def test_readme_commands():

@@ -305,7 +305,8 @@ def test_reused_name_saved_by_an_older_version(setup, tmp_path, ray_tmp, capsys,
 
 
 def test_resume_settings_may_change(setup, tmp_path, shards):
-    """Workers, loader processes, tracking, watchdog, checkpoint cadence, stop_after_epoch: not refused."""
+    """Workers, loader processes, tracking, watchdog, checkpoint cadence, stop_after_epoch, the
+    batches' memory layout: not refused."""
     from orchestrator.config import load_config
     from orchestrator.preflight import config_changes, preflight
 
@@ -314,7 +315,7 @@ def test_resume_settings_may_change(setup, tmp_path, shards):
     before = snapshot(storage)
     cfg = load_config(config, ["scaling.workers=2", "scaling.cpus_per_worker=2", "data.num_workers=3",
                                "tracking.log_every=7", "watchdog.timeout_s=5", "checkpoint.keep=4",
-                               "stop_after_epoch=1", "data.max_bad_fraction=0.2"])
+                               "stop_after_epoch=1", "data.max_bad_fraction=0.2", "scaling.channels_last=true"])
     assert config_changes(yaml.safe_load((storage / "run" / "config.yaml").read_text()), cfg) == {}
     preflight(cfg)
     assert snapshot(storage) == before

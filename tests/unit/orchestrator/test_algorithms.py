@@ -190,3 +190,32 @@ def test_norm_control_records_its_targets_at_the_start_and_rescales_at_soft_even
     assert len(soft) == 2 and hard
     assert all(e["norm_scale"] is not None and e["norm_scale"] != 1.0 for e in soft)
     assert all(e["norm_scale"] is None for e in hard)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_every_batch_the_model_sees_has_the_configured_layout(channels_last, world_of_one, shards, tmp_path,
+                                                              monkeypatch):
+    """`scaling.channels_last`: the stem conv gets NHWC batches in training, evaluation, BN
+    recalibration and after the compaction at the freeze (a new model and engine); without it,
+    NCHW ones. The parameters keep their layout: the masks' row views of them stay valid."""
+    import torch
+
+    seen: list[tuple[bool, bool]] = []  # (training, channels_last) of every stem conv call
+
+    def note(module, args):
+        x = args[0]  # count_flops' one-image probes (MACs kept) are not batches: left out
+        if isinstance(module, torch.nn.Conv2d) and x.dim() == 4 and x.shape[1] == 3 and x.shape[0] > 1:
+            seen.append((module.training, x.is_contiguous(memory_format=torch.channels_last)
+                         and not x.is_contiguous()))
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(note)
+    try:
+        _, run, _ = _run({"pruning.method": "sfp", "pruning.rate": 0.3, "pruning.finetune_epochs": 1,
+                          "pruning.recalibrate_batches": 1, "scaling.channels_last": channels_last},
+                         shards, tmp_path, monkeypatch)
+    finally:
+        handle.remove()
+    assert run.algorithm.state_dict()["compacted"]  # the last epoch trained the compacted model
+    assert {training for training, _ in seen} == {True, False}  # training and evaluation both seen
+    assert {layout for _, layout in seen} == {channels_last}
+    assert all(p.is_contiguous() for p in run.model.parameters())
