@@ -10,8 +10,9 @@ Every file goes under the checkout's ignored .cache/drill_soak (shards, run stor
 
     python benchmarks/drill_soak.py [--epochs 80] [--loader-workers 2] [--timeout 3600]
 
-Prints the passes done, the total time and the seconds per pass; exits 1 if the run did not
-finish every epoch (2 if it ran past --timeout, 3 on a bad argument).
+Prints the passes done, the total time and the seconds per pass, then the train passes' own
+times; exits 1 if the run did not finish every epoch or its last passes took over 3x its first
+ones (2 if it ran past --timeout, 3 on a bad argument).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import threading
 import time
@@ -115,7 +117,26 @@ def main(argv=None) -> int:
         print(f"drill_soak: FAILED, the run did not finish (report: {'yes' if report else 'none'}, "
               f"checkpoint {summary.get('checkpoint')})", flush=True)
         return 1
-    return 0
+    return 0 if passes_steady([e["epoch_seconds"] for e in report["history"]]) else 1
+
+
+def passes_steady(seconds: list[float], window: int = 10, factor: float = 3.0) -> bool:
+    """Print the train passes' own times (the wall time above is mostly Ray: its start, and its
+    intake of one checkpoint report per worker every 2 s, docs/design.md); False when the last
+    `window` passes take over `factor` times the first ones (after the first: the loader
+    workers' start-up), a loader that slows down over the run."""
+    rest = seconds[1:]
+    if len(rest) < 2:
+        return True
+    head, tail = rest[:window], rest[-window:]
+    early, late = statistics.median(head), statistics.median(tail)
+    print(f"drill_soak: train passes took {sum(seconds):.1f} s: the first {seconds[0]:.2f} s (loader start-up), "
+          f"then median {early:.3f} s over the first {len(head)} and {late:.3f} s over the last {len(tail)}, "
+          f"slowest {max(rest):.3f} s", flush=True)
+    if late > factor * early:
+        print(f"drill_soak: FAILED, the passes slowed down {late / early:.1f}x over the run", flush=True)
+        return False
+    return True
 
 
 if __name__ == "__main__":
