@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
 
-from drill_soak import passes_steady  # noqa: E402
+from drill_soak import passes_steady
 
 
 def test_steady_passes_pass_after_a_slow_first_one(capsys):
