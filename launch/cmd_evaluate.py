@@ -25,7 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def data_config(model_dir: Path, config: str | None):
-    """The `DataConfig` that prepares images as the run did: from --config, else the run's config.yaml."""
+    """How the run prepared its images: its `DataConfig`, and whether it fed them NHWC
+    (`scaling.channels_last`: the val figures then match the run's to the last digit). From
+    --config, else the run's config.yaml."""
     import yaml
 
     from data import DataConfig
@@ -38,7 +40,8 @@ def data_config(model_dir: Path, config: str | None):
     tree = yaml.safe_load(path.read_text())
     if not isinstance(tree, dict) or not isinstance(tree.get("data"), dict):
         raise ValueError(f"{path}: no `data` section")
-    return DataConfig.model_validate(tree["data"])
+    scaling = tree.get("scaling") if isinstance(tree.get("scaling"), dict) else {}
+    return DataConfig.model_validate(tree["data"]), bool(scaling.get("channels_last", False))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
     configs = [data_config(d, args.config) for d in dirs]  # every input checked before any scoring
     check_heldout(args.data)
     results = {}
-    for model_dir, data in zip(dirs, configs):
-        figures = score_model(str(model_dir), data, args.data)
+    for model_dir, (data, channels_last) in zip(dirs, configs):
+        figures = score_model(str(model_dir), data, args.data, channels_last=channels_last)
         results[str(model_dir)] = figures
         print(f"{model_dir}: top-1 {100 * figures['top1']:.2f}%  top-5 {100 * figures['top5']:.2f}%  "
               f"loss {figures['loss']:.4f}  on {figures['samples']} images of {args.data} "

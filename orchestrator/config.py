@@ -119,9 +119,10 @@ class ScalingConfig(_Section):
     threads_per_worker: int | None = Field(None, ge=1)  # torch threads; None: cpus_per_worker
     zero_stage: ZeroStage = 0  # masks survive every stage x precision (orchestrator/master.py)
     precision: Precision = "fp32"
-    # NHWC batches: the layout tensor cores and oneDNN convolve in. On the 2-core CPU a bf16 step
-    # ran 1.04-1.11x faster (ResNet-20 to -101, benchmarks/bench_layout.py); on GPUs not measured
-    # here. Only the batches change: weights keep DeepSpeed's layout (orchestrator/evaluation.py).
+    # NHWC batches: the layout tensor cores and oneDNN convolve in. On the 2-core CPU an fp32
+    # CIFAR ResNet step ran 1.18-1.29x faster, a bf16 ResNet-50/101 step 1.04-1.07x
+    # (benchmarks/bench_layout.py); on GPUs not measured here. Only the batches change: weights
+    # keep DeepSpeed's layout (orchestrator/evaluation.py).
     channels_last: bool = False
     grad_accum: int = Field(1, ge=1)
     max_failures: int = Field(0, ge=-1)  # worker-group restarts Ray may do; -1: unlimited

@@ -44,10 +44,12 @@ def _local_model_dir(final_dir: str, scratch: Path) -> Path:
     return storage.download_dir(final_dir, scratch / "final")
 
 
-def score_model(final_dir: str, data, source: str, device: str | None = None) -> dict[str, Any]:
+def score_model(final_dir: str, data, source: str, device: str | None = None,
+                channels_last: bool = False) -> dict[str, Any]:
     """Top-1/top-5/loss of the compacted model in `final_dir` (local or URI) on `source` (split
     "test" unless its `#split` says otherwise), its images prepared as `data` (a DataConfig: the
-    run's own size, crop and normalisation) prepares validation images."""
+    run's own size, crop and normalisation) prepares validation images, NHWC with
+    `channels_last` (the run's `scaling.channels_last`)."""
     import torch
 
     from data.loader import StreamingLoader
@@ -64,7 +66,7 @@ def score_model(final_dir: str, data, source: str, device: str | None = None) ->
         model, _, _ = load_compact(_local_model_dir(final_dir, scratch), device)
         loader = StreamingLoader(shards, cfg, 0, 1, train=False)
         try:
-            figures = evaluate(model, loader, cfg.mean, cfg.std)
+            figures = evaluate(model, loader, cfg.mean, cfg.std, channels_last)
         finally:
             loader.close()
     finally:
