@@ -51,7 +51,8 @@ def compacted_state(engine, groups, masks, input_size) -> tuple[nn.Module, dict,
     moments = slice_moments(optimizer["moments"], compaction_index(dense, groups, masks, "hard"), shapes)
     # cloned: DeepSpeed casts the module it is given (bf16) before `load` writes the fp32 values
     state = {name: t.detach().clone() for name, t in model.state_dict().items()}
-    return model, spec, (state, dict(optimizer, moments=moments))
+    # the low-precision module copy is of the dense shapes: the new engine rounds the masters
+    return model, spec, (state, dict(optimizer, moments=moments, module={}))
 
 
 def dense_shell(module: nn.Module) -> nn.Module:

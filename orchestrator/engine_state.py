@@ -6,8 +6,12 @@ the same information into full tensors keyed by parameter name instead:
 
 - `model`: every parameter's fp32 master value (not the bf16/fp16 module copy) and every buffer;
 - `optimizer`: every parameter's full moments (`momentum_buffer`, `exp_avg`, ...), the optimiser's
-  scalar state (AdamW's `step`), each param group's LR, the engine's step counters and, under
-  fp16, the loss scale.
+  scalar state (AdamW's `step`), each param group's LR, the engine's step counters, under fp16
+  the loss scale, and under bf16/fp16 the module's own low-precision copy (`module`). That copy
+  is usually the master rounded, but not after a norm-control event: the event scales the module
+  rows locally, rounding module x c where the master holds master x c (orchestrator/master.py),
+  until the next step() copies the master back. Restoring the copy itself makes a resumed run
+  take the same first step as the run that was not interrupted.
 
 Loading scatters it into an engine of any world size through the same `MasterCopy` the pruning
 coordinator uses, so whatever layout DeepSpeed chose (ZeRO 1/2 fragments, stage-0 fp32 clones,
@@ -46,12 +50,13 @@ def gather(engine, keep: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
             moments[name] = {k: v for k, v in per_key.items() if v is not None}
     if not keep:
         return None
+    low = {name: p.detach().cpu().clone() for name, p in module.named_parameters() if p.dtype != torch.float32}
     for name, buf in persistent_buffers(module).items():
         model[name] = buf.detach().cpu().clone().float() if buf.is_floating_point() else buf.detach().cpu().clone()
     return model, {"moments": moments, "scalars": _scalars(master), "global_steps": int(engine.global_steps),
                    "global_samples": int(getattr(engine, "global_samples", 0)),
                    "loss_scale": _loss_scale(engine),
-                   "lrs": [float(g["lr"]) for g in engine.optimizer.param_groups]}
+                   "lrs": [float(g["lr"]) for g in engine.optimizer.param_groups], "module": low}
 
 
 def load(engine, model: dict[str, torch.Tensor], optimizer: dict[str, Any] | None) -> None:
@@ -71,8 +76,13 @@ def load(engine, model: dict[str, torch.Tensor], optimizer: dict[str, Any] | Non
     if lrs is not None and len(lrs) == len(engine.optimizer.param_groups):
         for group, lr in zip(engine.optimizer.param_groups, lrs):
             group["lr"] = lr
-    if not optimizer or not optimizer.get("moments"):
-        return  # saved before the first step: the optimiser has nothing to restore
+    if optimizer and optimizer.get("moments"):  # none when saved before the first step
+        _load_optimizer(engine, master, optimizer)
+    _load_low_precision_copy(module, (optimizer or {}).get("module") or {})
+
+
+def _load_optimizer(engine, master: MasterCopy, optimizer: dict[str, Any]) -> None:
+    module: nn.Module = engine.module
     _prime(master)  # the moments exist now; MasterCopy looks them up live
     for name, p in module.named_parameters():
         for key, value in optimizer["moments"].get(name, {}).items():
@@ -84,6 +94,16 @@ def load(engine, model: dict[str, torch.Tensor], optimizer: dict[str, Any] | Non
     engine.global_samples = optimizer.get("global_samples", 0)
     if optimizer.get("loss_scale") is not None and hasattr(engine.optimizer, "cur_scale"):
         engine.optimizer.cur_scale = optimizer["loss_scale"]
+
+
+def _load_low_precision_copy(module: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """The module's bf16/fp16 values as they were saved (see the module docstring), where this
+    engine keeps the same precision; elsewhere the master's values, written above, stand."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            value = saved.get(name)
+            if value is not None and value.dtype == p.dtype and value.shape == p.shape:
+                p.copy_(value.to(p.device))
 
 
 def check_shapes(module: nn.Module, model: dict[str, torch.Tensor]) -> None:
