@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from data import DataConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, metavar="FILE", help="write the figures of every model here")
 
 
-def data_config(model_dir: Path, config: str | None):
+def preparation(model_dir: Path, config: str | None) -> tuple[DataConfig, bool]:
     """How the run prepared its images: its `DataConfig`, and whether it fed them NHWC
     (`scaling.channels_last`: the val figures then match the run's to the last digit). From
     --config, else the run's config.yaml."""
@@ -51,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from orchestrator.heldout import check_heldout, score_model
 
     dirs = [compacted_dir(p) for p in args.run_or_dir]
-    configs = [data_config(d, args.config) for d in dirs]  # every input checked before any scoring
+    configs = [preparation(d, args.config) for d in dirs]  # every input checked before any scoring
     check_heldout(args.data)
     results = {}
     for model_dir, (data, channels_last) in zip(dirs, configs):
