@@ -198,23 +198,12 @@ def test_every_batch_the_model_sees_has_the_configured_layout(channels_last, wor
     """`scaling.channels_last`: the stem conv gets NHWC batches in training, evaluation, BN
     recalibration and after the compaction at the freeze (a new model and engine); without it,
     NCHW ones. The parameters keep their layout: the masks' row views of them stay valid."""
-    import torch
+    from .stem_inputs import stem_batches
 
-    seen: list[tuple[bool, bool]] = []  # (training, channels_last) of every stem conv call
-
-    def note(module, args):
-        x = args[0]  # count_flops' one-image probes (MACs kept) are not batches: left out
-        if isinstance(module, torch.nn.Conv2d) and x.dim() == 4 and x.shape[1] == 3 and x.shape[0] > 1:
-            seen.append((module.training, x.is_contiguous(memory_format=torch.channels_last)
-                         and not x.is_contiguous()))
-
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(note)
-    try:
+    with stem_batches() as seen:
         _, run, _ = _run({"pruning.method": "sfp", "pruning.rate": 0.3, "pruning.finetune_epochs": 1,
                           "pruning.recalibrate_batches": 1, "scaling.channels_last": channels_last},
                          shards, tmp_path, monkeypatch)
-    finally:
-        handle.remove()
     assert run.algorithm.state_dict()["compacted"]  # the last epoch trained the compacted model
     assert {training for training, _ in seen} == {True, False}  # training and evaluation both seen
     assert {layout for _, layout in seen} == {channels_last}

@@ -206,18 +206,11 @@ def test_evaluate_feeds_batches_in_the_layout_the_run_validated_in(channels_last
 
     from launch.cli import main
 
+    from .stem_inputs import stem_batches
+
     tree = yaml.safe_load((run_dir / "config.yaml").read_text())
     (run_dir / "config.yaml").write_text(yaml.safe_dump({**tree, "scaling": {"channels_last": channels_last}}))
-    layouts = set()
-
-    def note(module, args):
-        x = args[0]
-        if isinstance(module, torch.nn.Conv2d) and x.dim() == 4 and x.shape[1] == 3:
-            layouts.add(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
-
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(note)
-    try:
+    with stem_batches() as seen:
         assert main(["evaluate", str(run_dir), "--data", f"{shards}#val", "--json", str(tmp_path / "s.json")]) == 0
-    finally:
-        handle.remove()
+    layouts = {nhwc for _, nhwc in seen}
     assert layouts == {channels_last}
